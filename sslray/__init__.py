@@ -1,0 +1,44 @@
+"""sslray: hyperparameter searches and ablation studies for semi-supervised semantic segmentation.
+
+Public API (imports are lazy so that ``import sslray`` stays cheap)::
+
+    from sslray import TrialConfig, train, list_methods, list_datasets
+    metrics = train("configs/synthetic_fixmatch.yaml", overrides=["train.iterations=200"])
+"""
+from __future__ import annotations
+
+from sslray.config import ConfigError, TrialConfig
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "TrialConfig", "train", "list_methods", "list_datasets", "list_models", "__version__"]
+
+
+def train(config: "TrialConfig | str | dict | None" = None, overrides: list[str] | tuple[str, ...] = (), **kwargs):
+    """Run one trial without Ray (see ``sslray.trainer.fit``); ``config`` is a TrialConfig, a YAML path or a dict."""
+    from sslray.trainer import fit
+
+    if config is None or isinstance(config, dict):
+        cfg = TrialConfig.from_dict(config or {}).with_overrides(list(overrides))
+    elif isinstance(config, str):
+        cfg = TrialConfig.from_yaml(config, overrides)
+    else:
+        cfg = config.with_overrides(list(overrides)) if overrides else config
+    return fit(cfg, **kwargs)
+
+
+def list_methods() -> list[str]:
+    from sslray.methods import list_methods as _list
+
+    return _list()
+
+
+def list_datasets() -> list[str]:
+    from sslray.data.datasets import list_datasets as _list
+
+    return _list()
+
+
+def list_models() -> list[str]:
+    from sslray.models import list_models as _list
+
+    return _list()

@@ -1,0 +1,509 @@
+"""Typed, frozen trial configuration.
+
+Defaults live here, in code; YAML files and ``--set key=value`` only override them. Every field has a
+dotted path (``optim.lr``, ``method.terms.u_fp.weight``) that grids, ablations and search spaces use.
+Unknown keys and wrong types are errors that name the source (file) and the dotted key::
+
+    cfg = TrialConfig.from_dict(yaml.safe_load(open(path)), source=path)
+    cfg = apply_overrides_to_config(cfg, ["method.terms.u_fp.weight=0.3"])
+    cfg.trial_id()   # sha256 over the fields that change results (not ``run.*``, not ``name``)
+
+Methods are presets (data, see ``sslray.methods.METHOD_PRESETS``): ``method.name: unimatch`` fills in the
+teacher, thresholds and loss terms, and anything the user writes under ``method`` is merged on top.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+IDENTITY_VERSION = "sslray-trial-v1"
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line: ``<source>: <dotted.key>: <what was expected>``."""
+
+    def __init__(self, source: str | None, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key or '<root>'}: {message}")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded synthetic dataset (see ``sslray.data.synthetic``)."""
+
+    size: int = 64  # image side in pixels
+    num_train: int = 2016  # the pool that labeled/unlabeled partitions are drawn from
+    num_val: int = 300
+    seed: int = 1234  # generator seed: the same (seed, index) always gives the same image
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """UniMatch's weak and strong views (``datasets.md`` section 4)."""
+
+    scale: tuple[float, float] = (0.5, 2.0)  # random rescale of the long side
+    hflip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    cutmix_p: float = 0.5
+    cutmix_area: tuple[float, float] = (0.02, 0.4)
+    cutmix_ratio: tuple[float, float] = (0.3, 1 / 0.3)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str | None = None  # dataset root on disk (real datasets)
+    partition: str = "16"  # "16": 16 labeled images; "1_8": 1/8 of the pool; or a named standard split
+    split_seed: int = 0  # seed of generated partitions
+    splits_dir: str | None = None  # where named standard splits live (real datasets)
+    crop_size: int | None = None  # None: the dataset spec's crop
+    batch_size_x: int = 8  # global labeled batch (split across DDP ranks)
+    batch_size_u: int = 8  # global unlabeled batch
+    eval_mode: str | None = None  # original | center_crop | sliding_window; None: the dataset spec's
+    aug: AugConfig = field(default_factory=AugConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small"  # small | deeplabv3plus
+    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101 (deeplabv3plus)
+    pretrained: str | None = None  # local path to backbone weights; nothing is ever downloaded
+    width: int = 32  # channel width of the small model
+    output_stride: int = 16
+    aspp_rates: tuple[int, ...] = (6, 12, 18)
+    fp_dropout: float = 0.5  # UniMatch feature perturbation: Dropout2d on c1 and c4
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.01  # backbone learning rate
+    head_lr_mult: float = 10.0  # decoder/head group gets lr * head_lr_mult (UniMatch lr_multi)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    kind: str = "self"  # self: the student itself, detached (FixMatch/UniMatch); ema: mean teacher
+    ema_alpha: float = 0.99
+    ema_warmup: bool = True  # alpha_k = min(1 - 1/(k+1), alpha)
+    ema_buffers: bool = True  # also average BN running statistics
+
+
+@dataclass(frozen=True)
+class TermConfig:
+    """A loss term: its weight, plus settings in subclasses registered in ``sslray.methods.TERMS``."""
+
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "supervised"  # a preset from sslray.methods.METHOD_PRESETS, or "a+b" to compose presets
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    conf_thresh: float = 0.95  # tau: pseudo-labels with confidence below are masked out
+    global_div: float = 1.0  # the total loss is sum(weight * term) / global_div (UniMatch's "/ 2")
+    mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll: the same batch rolled
+    terms: Mapping[str, TermConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 1000
+    eval_every: int = 250  # iterations between evaluations (and checkpoints); the last iteration always evaluates
+    amp: str = "none"  # none | bf16 | fp16 (autocast; bf16 is the GPU choice)
+    eval_model: str = "student"  # student | teacher
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a trial runs, not what it computes: excluded from the trial id."""
+
+    out_dir: str | None = None  # None: runs/<trial id>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: str = "auto"  # auto (a bar when stderr is a terminal) | on | off
+    log_every: int = 50
+    num_workers: int = 0  # DataLoader worker processes
+    checkpoint: bool = True
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    name: str = "trial"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=lambda: _build_method({}, "method", None))  # the preset
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    NON_IDENTITY = ("name", "run")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str | None = None) -> "TrialConfig":
+        return _build(cls, d or {}, "", source)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | tuple[str, ...] = ()) -> "TrialConfig":
+        d = load_yaml(path)
+        if not isinstance(d, dict):
+            raise ConfigError(path, "", f"expected a mapping at the top level, got {type(d).__name__}")
+        try:
+            d = apply_overrides(d, overrides)
+        except ConfigError as e:
+            raise ConfigError(path + " (--set)", e.key, e.message) from None
+        return cls.from_dict(d, source=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        for k in self.NON_IDENTITY:
+            d.pop(k, None)
+        return d
+
+    def trial_id(self) -> str:
+        blob = json.dumps({"v": IDENTITY_VERSION, **self.identity()}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def short_id(self) -> str:
+        return self.trial_id()[:12]
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...], source: str = "--set") -> "TrialConfig":
+        """A copy with ``key=value`` strings applied (see :meth:`replace` for ``method.name``)."""
+        return self.replace(_source=source, **_parse_overrides(overrides, source))
+
+    def replace(self, _source: str = "replace()", **dotted: Any) -> "TrialConfig":
+        """``cfg.replace(**{"optim.lr": 0.1})``: a copy with dotted keys set (validated again).
+
+        Setting ``method.name`` to another preset re-derives the whole method section from that preset (plus
+        the other ``method.*`` keys given in the same call): the resolved section holds the old preset's
+        teacher and terms, which must not leak into the new method.
+        """
+        d = self.to_dict()
+        new_name = dotted.get("method.name")
+        if new_name is not None and new_name != self.method.name:
+            d["method"] = {"name": new_name}
+        for k, v in dotted.items():
+            set_dotted(d, k, v)
+        return TrialConfig.from_dict(d, source=_source)
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML and dotted keys
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (a silent overwrite hides typos in study files)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for k_node, v_node in node.value:
+        k = loader.construct_object(k_node, deep=deep)
+        if k in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {k!r}", k_node.start_mark)
+        out[k] = loader.construct_object(v_node, deep=deep)
+    return out
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads ``1_8`` as the integer 18 (digit separators) and ``1e-3`` as a string. Partition names like
+# 1_8 are everywhere in this field, so numbers follow YAML 1.2 here: no underscores, exponents without a dot.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^([-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_value(text: str) -> Any:
+    """Parse one scalar or flow value (``--set`` right-hand sides) with the same rules as files."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+
+
+def load_yaml(path: str) -> Any:
+    """Read a YAML file as data only (no Python tags), rejecting duplicate keys; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(path, "", f"invalid YAML: {where}{problem}") from None
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(None, key, "empty component in dotted key")
+    node = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(None, key, f"{'.'.join(parts[: i + 1])} is a value ({nxt!r}), not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def get_dotted(d: Mapping, key: str, default: Any = KeyError) -> Any:
+    node: Any = d
+    for p in key.split("."):
+        if not isinstance(node, Mapping) or p not in node:
+            if default is KeyError:
+                raise KeyError(key)
+            return default
+        node = node[p]
+    return node
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...], source: str) -> dict[str, Any]:
+    """``["a.b=0.3", "c=[1, 2]"]`` -> ``{"a.b": 0.3, "c": [1, 2]}`` (values parsed as YAML, in order)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(source, item, "expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml_value(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(d: Mapping, overrides: list[str] | tuple[str, ...], source: str = "--set") -> dict:
+    """Apply ``key=value`` strings (value parsed as YAML: ``0.3``, ``true``, ``[1, 2]``) to a copy of d."""
+    out = copy.deepcopy(dict(d))
+    for key, value in _parse_overrides(overrides, source).items():
+        set_dotted(out, key, value)
+    return out
+
+
+def deep_merge(base: Mapping, over: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and tuples stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# dict -> dataclass, with checks
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, type):
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false"}.get(
+            t.__name__, t.__name__)
+    return str(t).replace("typing.", "")
+
+
+def _coerce(t: Any, v: Any, path: str, source: str | None) -> Any:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, path, source)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(source, path, errors[0] if len(errors) == 1 else f"expected one of {args}, got {v!r}")
+    if origin is tuple:
+        args = typing.get_args(t)
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(source, path, f"expected a list, got {v!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], x, f"{path}[{i}]", source) for i, x in enumerate(v))
+        if len(v) != len(args):
+            raise ConfigError(source, path, f"expected a list of {len(args)} values, got {len(v)}")
+        return tuple(_coerce(a, x, f"{path}[{i}]", source) for i, (a, x) in enumerate(zip(args, v)))
+    if t is bool:
+        if isinstance(v, bool):
+            return v
+        raise ConfigError(source, path, f"expected true/false, got {v!r}")
+    if t is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        raise ConfigError(source, path, f"expected an integer, got {v!r}")
+    if t is float:
+        if isinstance(v, str) and _SCI_FLOAT.fullmatch(v.strip()):
+            v = float(v)  # YAML 1.1 reads 1e-3 (no dot) as a string; researchers write it anyway
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            f = float(v)
+            if f != f or f in (float("inf"), float("-inf")):
+                raise ConfigError(source, path, f"expected a finite number, got {v!r}")
+            return f
+        raise ConfigError(source, path, f"expected a number, got {v!r}")
+    if t is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)  # partition: 16 is as good as partition: "16"
+        raise ConfigError(source, path, f"expected a string, got {v!r}")
+    if dataclasses.is_dataclass(t):
+        return _build(t, v, path, source)
+    raise ConfigError(source, path, f"unsupported field type {_type_name(t)}")
+
+
+def _build(cls: type, d: Any, path: str, source: str | None) -> Any:
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        raise ConfigError(source, path, f"expected a mapping, got {d!r}")
+    if cls is MethodConfig:
+        return _build_method(d, path, source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k in d:
+        if k not in fields:
+            where = f"{path}.{k}" if path else str(k)
+            raise ConfigError(source, where, f"unknown key (expected one of: {', '.join(fields)})")
+    kwargs = {}
+    for name, v in d.items():
+        kwargs[name] = _coerce(hints[name], v, f"{path}.{name}" if path else name, source)
+    obj = cls(**kwargs)
+    _check(obj, path, source)
+    return obj
+
+
+def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
+    from sslray.methods import METHOD_PRESETS, TERMS  # late: the registry imports torch
+
+    p = f"{path}." if path else ""
+    name = d.get("name", MethodConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(source, p + "name", f"expected a string, got {name!r}")
+    merged: dict = {}
+    for part in name.split("+"):
+        part = part.strip()
+        if part not in METHOD_PRESETS:
+            raise ConfigError(source, p + "name",
+                              f"unknown method {part!r} (expected one of: {', '.join(METHOD_PRESETS)})")
+        merged = deep_merge(merged, METHOD_PRESETS[part])
+    merged = deep_merge(merged, {k: v for k, v in d.items() if k != "name"})
+    terms_raw = merged.pop("terms", {}) or {}
+    if not isinstance(terms_raw, Mapping):
+        raise ConfigError(source, p + "terms", f"expected a mapping of term name -> settings, got {terms_raw!r}")
+    terms = {}
+    for tname, tval in terms_raw.items():
+        if tname not in TERMS:
+            raise ConfigError(source, f"{p}terms.{tname}",
+                              f"unknown loss term (expected one of: {', '.join(TERMS)})")
+        terms[tname] = _build(TERMS[tname].config_cls, tval or {}, f"{p}terms.{tname}", source)
+    rest = {k: v for k, v in merged.items()}
+    hints = typing.get_type_hints(MethodConfig)
+    fields = [f.name for f in dataclasses.fields(MethodConfig)]
+    kwargs: dict[str, Any] = {"name": name, "terms": terms}
+    for k, v in rest.items():
+        if k not in fields:
+            raise ConfigError(source, p + str(k), f"unknown key (expected one of: {', '.join(fields)})")
+        kwargs[k] = _coerce(hints[k], v, p + k, source)
+    obj = MethodConfig(**kwargs)
+    _check(obj, path, source)
+    return obj
+
+
+_CHOICES = {
+    (ModelConfig, "name"): ("small", "deeplabv3plus"),
+    (ModelConfig, "backbone"): ("resnet18", "resnet50", "resnet101"),
+    (ModelConfig, "output_stride"): (8, 16),
+    (TeacherConfig, "kind"): ("self", "ema"),
+    (MethodConfig, "mix_source"): ("batch", "roll"),
+    (TrainConfig, "amp"): ("none", "bf16", "fp16"),
+    (TrainConfig, "eval_model"): ("student", "teacher"),
+    (RunConfig, "progress"): ("auto", "on", "off"),
+    (DataConfig, "eval_mode"): (None, "original", "center_crop", "sliding_window", "sliding_window_v2"),
+}
+_PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dropout", "conf_thresh", "ema_alpha"}
+_POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
+             "log_every", "global_div", "crop_size"}
+_NON_NEGATIVE = {"seed", "split_seed", "lr", "head_lr_mult", "momentum", "weight_decay", "poly_power",
+                 "num_workers", "threads"}
+
+
+def _check(obj: Any, path: str, source: str | None) -> None:
+    p = f"{path}." if path else ""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = p + f.name
+        allowed = _CHOICES.get((type(obj), f.name), getattr(type(obj), "CHOICES", {}).get(f.name))
+        if allowed is not None and v not in allowed:
+            raise ConfigError(source, key, f"expected one of {[a for a in allowed if a is not None]}, got {v!r}")
+        if f.name in _PROBABILITIES and isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ConfigError(source, key, f"expected a value in [0, 1], got {v!r}")
+        if f.name in _POSITIVE and isinstance(v, (int, float)) and v <= 0:
+            raise ConfigError(source, key, f"expected a positive value, got {v!r}")
+        if f.name in _NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
+            raise ConfigError(source, key, f"expected a non-negative value, got {v!r}")
+    if isinstance(obj, TermConfig) and obj.weight < 0:
+        raise ConfigError(source, p + "weight", f"expected a non-negative weight, got {obj.weight!r}")
+    if isinstance(obj, AugConfig):
+        for name in ("scale", "blur_sigma", "cutmix_area", "cutmix_ratio"):
+            lo, hi = getattr(obj, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(source, p + name, f"expected 0 < low <= high, got {[lo, hi]}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

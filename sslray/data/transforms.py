@@ -1,0 +1,148 @@
+"""UniMatch's weak and strong views (``datasets.md`` section 4), deterministic from an explicit generator.
+
+Every random choice is drawn from the ``np.random.Generator`` passed in -- never from torch's, numpy's or Python's
+global RNG -- so a sample's augmentation is a pure function of the generator's seed. The datasets seed it from
+``(seed, stream, position)``, which makes checkpoint-resume exact and DataLoader workers deterministic whatever their
+number. Pixel operations are ``torchvision.transforms.v2.functional`` ops on PIL images (on PIL input they call
+PIL's own resize, so the weak view matches UniMatch's ``img.resize(..., BILINEAR)`` byte for byte).
+
+The draw order follows UniMatch: rescale (1 integer), crop (x then y), hflip (1 uniform); strong view: jitter gate,
+jitter order and factors, grayscale gate, blur gate and sigma; CutMix box: gate, then (area, ratio, x, y) per try.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MAX_BOX_TRIES = 1000  # rejection sampling of the CutMix box; a try fits with probability ~0.27 at the defaults
+
+
+def weak_view(img: Image.Image, mask: Image.Image, crop: int, ignore_value: int, rng: np.random.Generator,
+              scale: tuple[float, float] = (0.5, 2.0), hflip_p: float = 0.5) -> tuple[Image.Image, Image.Image]:
+    """Random rescale, right/bottom pad, random ``crop x crop`` crop, horizontal flip (image and mask together).
+
+    ``img`` RGB [H, W], ``mask`` L/P [H, W] -> both [crop, crop]. Padding is 0 in the image and ``ignore_value`` in
+    the mask (255 for labeled data, 254 for unlabeled data, where it later becomes the ignore map).
+    """
+    img, mask = rescale(img, mask, rng, scale)
+    img, mask = pad_crop(img, mask, crop, ignore_value, rng)
+    if rng.random() < hflip_p:
+        img, mask = F.horizontal_flip(img), F.horizontal_flip(mask)
+    return img, mask
+
+
+def rescale(img: Image.Image, mask: Image.Image, rng: np.random.Generator,
+            scale: tuple[float, float] = (0.5, 2.0)) -> tuple[Image.Image, Image.Image]:
+    """Long side ~ ``randint(int(L*lo), int(L*hi))`` inclusive, L = the image's own long side; aspect kept.
+
+    Short side ``int(short * new_long / long + 0.5)``; image bilinear, mask nearest (labels are never blended).
+    """
+    w, h = img.size
+    long = max(w, h)
+    new_long = int(rng.integers(int(long * scale[0]), int(long * scale[1]), endpoint=True))
+    if h > w:
+        oh, ow = new_long, int(1.0 * w * new_long / h + 0.5)
+    else:
+        ow, oh = new_long, int(1.0 * h * new_long / w + 0.5)
+    ow, oh = max(ow, 1), max(oh, 1)  # a degenerate scale range must not produce an empty image
+    return (F.resize(img, [oh, ow], interpolation=InterpolationMode.BILINEAR),
+            F.resize(mask, [oh, ow], interpolation=InterpolationMode.NEAREST))
+
+
+def pad_crop(img: Image.Image, mask: Image.Image, crop: int, ignore_value: int,
+             rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """Pad right/bottom up to ``crop`` (image 0, mask ``ignore_value``), then a uniformly placed crop x crop window."""
+    w, h = img.size
+    padw, padh = max(crop - w, 0), max(crop - h, 0)
+    if padw or padh:
+        img = F.pad(img, [0, 0, padw, padh], fill=0)
+        mask = F.pad(mask, [0, 0, padw, padh], fill=ignore_value)
+        w, h = img.size
+    x = int(rng.integers(0, w - crop, endpoint=True))
+    y = int(rng.integers(0, h - crop, endpoint=True))
+    return F.crop(img, y, x, crop, crop), F.crop(mask, y, x, crop, crop)
+
+
+def strong_view(img: Image.Image, rng: np.random.Generator,
+                jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25), jitter_p: float = 0.8,
+                gray_p: float = 0.2, blur_p: float = 0.5,
+                blur_sigma: tuple[float, float] = (0.1, 2.0)) -> Image.Image:
+    """Photometric strong view of an RGB image (same size): colour jitter, grayscale, Gaussian blur."""
+    if rng.random() < jitter_p:
+        img = color_jitter(img, rng, jitter)
+    if rng.random() < gray_p:
+        img = F.rgb_to_grayscale(img, num_output_channels=3)  # keep 3 channels: the model expects RGB
+    if rng.random() < blur_p:
+        img = gaussian_blur(img, float(rng.uniform(*blur_sigma)))
+    return img
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator,
+                 jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25)) -> Image.Image:
+    """torchvision ``ColorJitter(b, c, s, h)`` semantics: the 4 ops in a random order, factors
+    ``U(max(0, 1-x), 1+x)`` for brightness/contrast/saturation and ``U(-h, h)`` for hue; ops with strength 0 skip.
+
+    All 4 factors are always drawn so the stream position after this call does not depend on the strengths.
+    """
+    b, c, s, h = jitter
+    order = rng.permutation(4)
+    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (b, c, s)] + [rng.uniform(-h, h)]
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    for i in order:
+        if jitter[i] > 0:
+            img = ops[i](img, float(factors[i]))
+    return img
+
+
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur with kernel ``2*ceil(3*sigma)+1``, clipped to the largest odd size <= the image's short side
+    (reflect padding needs the kernel radius below the image size)."""
+    w, h = img.size
+    k_max = min(w, h) if min(w, h) % 2 else min(w, h) - 1
+    k = min(2 * math.ceil(3 * sigma) + 1, max(k_max, 1))
+    if k <= 1:
+        return img
+    return F.gaussian_blur(img, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
+               ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """UniMatch's ``obtain_cutmix_box``: float [size, size], 1 inside one axis-aligned box, 0 elsewhere.
+
+    With probability ``1 - p`` all zeros. Otherwise area ~ U(area) * size^2, aspect r ~ U(ratio),
+    ``w = int(sqrt(A / r))``, ``h = int(sqrt(A * r))`` (at least 1 px), top-left uniform in [0, size), re-sampled
+    until the box fits inside the image. The loop is bounded: after ``_MAX_BOX_TRIES`` misses the last box is shrunk
+    to the image and placed uniformly where it fits.
+    """
+    box = torch.zeros(size, size)
+    if rng.random() > p:
+        return box
+    for _ in range(_MAX_BOX_TRIES):
+        a = rng.uniform(*area) * size * size
+        r = rng.uniform(*ratio)
+        w, h = max(int(math.sqrt(a / r)), 1), max(int(math.sqrt(a * r)), 1)
+        x, y = int(rng.integers(0, size)), int(rng.integers(0, size))
+        if x + w <= size and y + h <= size:
+            break
+    else:
+        w, h = min(w, size), min(h, size)
+        x, y = int(rng.integers(0, size - w, endpoint=True)), int(rng.integers(0, size - h, endpoint=True))
+    box[y:y + h, x:x + w] = 1.0
+    return box
+
+
+def normalize(img: Image.Image, mask: Image.Image | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RGB PIL [H, W] -> float [3, H, W], ``(x/255 - IMAGENET_MEAN) / IMAGENET_STD``; with ``mask``, also
+    long [H, W] holding the mask's raw values (class ids, 255 ignore, 254 unlabeled padding)."""
+    x = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
+    x = F.normalize(x, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    if mask is None:
+        return x
+    return x, torch.from_numpy(np.array(mask, dtype=np.int64))

@@ -1,0 +1,252 @@
+"""The one shared teacher-student step of every method.
+
+Glossary (the same words in YAML keys, dataclass fields and metric columns):
+
+    x        labeled batch (``img_x`` [Bx, 3, H, W], ``mask_x`` [Bx, H, W], 255 = ignore)
+    u        unlabeled batch
+    w        weak view of u (rescale, crop, flip)          -> ``img_u_w``
+    s1, s2   strong views of u (colour, grayscale, blur)    -> ``img_u_s1``, ``img_u_s2``
+    mix      the CutMix partner batch (a second unlabeled batch, or u rolled by one)
+    fp       feature perturbation: Dropout2d on the encoder features c1 and c4 (UniMatch)
+    conf     teacher confidence, max softmax               -> ``conf_u_w`` [Bu, H, W]
+    mask     (pseudo-)labels                               -> ``mask_u_w`` [Bu, H, W]
+    ignore   255 where a pixel is padding                  -> ``ignore_mask_u`` [Bu, H, W]
+    box      CutMix box, 1 inside                          -> ``cutmix_box1`` [Bu, H, W]
+
+One step (UniMatch's order, methods.md §3.2/§3.5):
+
+1. teacher on ``img_u_w_mix`` (eval mode, no grad) -> pseudo-labels of the mix partner;
+2. CutMix: ``img_u_s1[box1 == 1] = img_u_s1_mix[box1 == 1]`` (and s2 with box2);
+3. student on ``cat(img_x, img_u_w)`` (with the FP copy when a term needs it) -> ``pred_x``, ``pred_u_w``;
+   the self teacher's pseudo-labels are ``pred_u_w.detach()``; an EMA teacher runs on ``img_u_w`` instead;
+4. student on ``cat(img_u_s1, img_u_s2)``;
+5. targets for each strong view are mixed with that view's box: ``mask_u_w_cutmixed1`` etc.
+
+Which of these run is derived from the method's terms (``Method.needs``): supervised-only runs step 3 on
+``img_x`` alone; FixMatch skips s2 and fp; a zero-weight term costs nothing.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sslray.config import MethodConfig, TeacherConfig
+
+
+@dataclass
+class MixedTarget:
+    """The teacher's target for one strong view, assembled with that view's CutMix box."""
+
+    mask: torch.Tensor  # [Bu, H, W] long
+    conf: torch.Tensor  # [Bu, H, W]
+    ignore: torch.Tensor  # [Bu, H, W] 255 = padding
+    prob: torch.Tensor | None  # [Bu, K, H, W] soft target, computed only when asked
+
+
+@dataclass
+class StepOutputs:
+    """Named tensors of one step; loss terms read what they need. Unused entries stay None."""
+
+    pred_x: torch.Tensor  # [Bx, K, H, W] student logits on the labeled batch
+    mask_x: torch.Tensor  # [Bx, H, W]
+    pred_u_w: torch.Tensor | None = None  # [Bu, K, H, W] student logits on the weak view (with grad)
+    pred_u_w_fp: torch.Tensor | None = None  # [Bu, K, H, W] student logits on the FP copy
+    pred_u_s1: torch.Tensor | None = None  # [Bu, K, H, W] student logits on the (CutMixed) strong view 1
+    pred_u_s2: torch.Tensor | None = None
+    logits_u_w_teacher: torch.Tensor | None = None  # [Bu, K, H, W] teacher logits on the weak view, detached
+    logits_u_w_mix_teacher: torch.Tensor | None = None  # [Bu, K, H, W] teacher logits on the mix partner
+    mask_u_w: torch.Tensor | None = None  # [Bu, H, W] pseudo-labels (argmax of the teacher)
+    conf_u_w: torch.Tensor | None = None  # [Bu, H, W]
+    ignore_mask_u: torch.Tensor | None = None  # [Bu, H, W]
+    mask_u_w_mix: torch.Tensor | None = None
+    conf_u_w_mix: torch.Tensor | None = None
+    ignore_mask_mix: torch.Tensor | None = None
+    cutmix_box1: torch.Tensor | None = None  # [Bu, H, W]
+    cutmix_box2: torch.Tensor | None = None
+    model_out: dict[str, Any] = field(default_factory=dict)  # raw model dicts ("x_u_w", "u_s"), for heads
+    iteration: int = 0
+    _mixed: dict = field(default_factory=dict, repr=False)
+
+    def mixed_target(self, view: int, with_prob: bool = False) -> MixedTarget:
+        """Teacher target for strong view ``view`` (1 or 2): plain where the box is 0, the mix partner's inside."""
+        key = (view, with_prob)
+        if key not in self._mixed:
+            box = (self.cutmix_box1 if view == 1 else self.cutmix_box2) == 1
+            prob = None
+            if with_prob:
+                p = torch.softmax(self.logits_u_w_teacher.float(), 1)
+                p_mix = torch.softmax(self.logits_u_w_mix_teacher.float(), 1)
+                prob = torch.where(box.unsqueeze(1), p_mix, p)
+            self._mixed[key] = MixedTarget(
+                mask=torch.where(box, self.mask_u_w_mix, self.mask_u_w),
+                conf=torch.where(box, self.conf_u_w_mix, self.conf_u_w),
+                ignore=torch.where(box, self.ignore_mask_mix, self.ignore_mask_u),
+                prob=prob,
+            )
+        return self._mixed[key]
+
+
+def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, K, H, W] -> (conf [B, H, W], pseudo-label [B, H, W])."""
+    conf, mask = torch.softmax(logits.float(), 1).max(1)
+    return conf, mask
+
+
+def paste(img_s: torch.Tensor, img_mix: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """CutMix of inputs: img [B, 3, H, W]; box [B, H, W] (1 = take the mix partner's pixel)."""
+    return torch.where(box.unsqueeze(1) == 1, img_mix, img_s)
+
+
+class EMATeacher:
+    """theta_t <- a_k theta_t + (1 - a_k) theta_s after every optimiser step.
+
+    a_k = min(1 - 1/(k + 1), alpha) with warm-up (k = number of updates so far, so the first update copies
+    the student), else alpha. With ``ema_buffers`` the float buffers (BN running statistics) are averaged
+    the same way (CutMix-Seg); integer buffers are copied.
+    """
+
+    def __init__(self, student: nn.Module, cfg: TeacherConfig):
+        self.cfg = cfg
+        self.model = copy.deepcopy(student)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    def alpha(self) -> float:
+        if self.cfg.ema_warmup:
+            return min(1.0 - 1.0 / (self.updates + 1), self.cfg.ema_alpha)
+        return self.cfg.ema_alpha
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        a = self.alpha()
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.mul_(a).add_(s.detach(), alpha=1.0 - a)
+        for t, s in zip(self.model.buffers(), student.buffers()):
+            if t.dtype.is_floating_point and self.cfg.ema_buffers:
+                t.mul_(a).add_(s.detach(), alpha=1.0 - a)
+            elif not t.dtype.is_floating_point:
+                t.copy_(s)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+class TeacherStudent:
+    """Runs the shared step for a method (``needs`` from its terms) on a student and its teacher.
+
+    ``student`` may be wrapped in DistributedDataParallel; ``student_module`` is the bare model.
+    """
+
+    def __init__(self, student: nn.Module, method_cfg: MethodConfig, needs: frozenset[str],
+                 student_module: nn.Module | None = None, amp_dtype: torch.dtype | None = None):
+        self.student = student
+        self.student_module = student_module or student
+        self.cfg = method_cfg
+        self.needs = needs
+        self.amp_dtype = amp_dtype
+        self.teacher = EMATeacher(self.student_module, method_cfg.teacher) if method_cfg.teacher.kind == "ema" else None
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def _teacher_logits(self, img: torch.Tensor) -> torch.Tensor:
+        """Teacher prediction with no gradient: the EMA model, or the student itself in eval mode."""
+        if self.teacher is not None:
+            return self.teacher.model(img)["logits"]
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return self.student(img)["logits"]
+        finally:
+            self.student.train(was_training)
+
+    def step(self, batch_x: dict, batch_u: dict | None = None, batch_mix: dict | None = None,
+             iteration: int = 0) -> StepOutputs:
+        img_x, mask_x = batch_x["img_x"], batch_x["mask_x"]
+        device = img_x.device
+        if "u" not in self.needs:
+            with self._autocast(device):
+                out_x = self.student(img_x)
+            return StepOutputs(pred_x=out_x["logits"], mask_x=mask_x, model_out={"x": out_x}, iteration=iteration)
+        return self._semi_step(img_x, mask_x, batch_u, batch_mix, iteration)
+
+    def _semi_step(self, img_x, mask_x, batch_u, batch_mix, iteration) -> StepOutputs:
+        device = img_x.device
+        img_u_w, ignore_mask_u = batch_u["img_u_w"], batch_u["ignore_mask_u"]
+        img_u_s1, img_u_s2 = batch_u["img_u_s1"], batch_u["img_u_s2"]
+        box1, box2 = batch_u["cutmix_box1"], batch_u["cutmix_box2"]
+        need_s1, need_s2, need_fp = "s1" in self.needs, "s2" in self.needs, "fp" in self.needs
+        bx, bu = img_x.shape[0], img_u_w.shape[0]
+        out = StepOutputs(pred_x=None, mask_x=mask_x, ignore_mask_u=ignore_mask_u, cutmix_box1=box1,
+                          cutmix_box2=box2, iteration=iteration)
+
+        with self._autocast(device):
+            mixing = (need_s1 or need_s2) and self.cfg.mix_source == "batch"
+            if mixing:
+                out.logits_u_w_mix_teacher = self._teacher_logits(batch_mix["img_u_w"])
+                img_u_s1 = paste(img_u_s1, batch_mix["img_u_s1"], box1)
+                img_u_s2 = paste(img_u_s2, batch_mix["img_u_s2"], box2)
+            elif need_s1 or need_s2:  # mix with the same batch rolled by one (UniMatch #34): no extra pass
+                img_u_s1 = paste(img_u_s1, img_u_s1.roll(1, 0), box1)
+                img_u_s2 = paste(img_u_s2, img_u_s2.roll(1, 0), box2)
+
+            # The student sees the weak view when it is its own teacher or when FP needs it.
+            if self.teacher is None or need_fp:
+                out_xw = self.student(torch.cat((img_x, img_u_w)), need_fp=need_fp)
+                out.pred_x, out.pred_u_w = out_xw["logits"].split([bx, bu])
+                if need_fp:
+                    out.pred_u_w_fp = out_xw["logits_fp"][bx:]
+                out.model_out["x_u_w"] = out_xw
+            else:
+                out_xw = self.student(img_x)
+                out.pred_x = out_xw["logits"]
+                out.model_out["x"] = out_xw
+            if self.teacher is None:
+                out.logits_u_w_teacher = out.pred_u_w.detach()
+            else:
+                out.logits_u_w_teacher = self._teacher_logits(img_u_w)
+
+            if need_s1 and need_s2:
+                out_s = self.student(torch.cat((img_u_s1, img_u_s2)))
+                out.pred_u_s1, out.pred_u_s2 = out_s["logits"].chunk(2)
+                out.model_out["u_s"] = out_s
+            elif need_s1 or need_s2:
+                out_s = self.student(img_u_s1 if need_s1 else img_u_s2)
+                setattr(out, "pred_u_s1" if need_s1 else "pred_u_s2", out_s["logits"])
+                out.model_out["u_s"] = out_s
+
+        out.conf_u_w, out.mask_u_w = confidence(out.logits_u_w_teacher)
+        if need_s1 or need_s2:
+            if self.cfg.mix_source == "batch":
+                out.conf_u_w_mix, out.mask_u_w_mix = confidence(out.logits_u_w_mix_teacher)
+                out.ignore_mask_mix = batch_mix["ignore_mask_u"]
+            else:
+                out.logits_u_w_mix_teacher = out.logits_u_w_teacher.roll(1, 0)
+                out.conf_u_w_mix, out.mask_u_w_mix = out.conf_u_w.roll(1, 0), out.mask_u_w.roll(1, 0)
+                out.ignore_mask_mix = ignore_mask_u.roll(1, 0)
+        return out
+
+    def after_optimizer_step(self) -> None:
+        if self.teacher is not None:
+            self.teacher.update(self.student_module)
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
