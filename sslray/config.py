@@ -230,11 +230,14 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# YAML 1.1 reads ``1_8`` as the integer 18 (digit separators) and ``1e-3`` as a string. Partition names like
+# YAML 1.1 reads ``1_8`` as the integer 18 (digit separators), ``1e-3`` as a string and ``off`` as false. Partition names like
 # 1_8 are everywhere in this field, so numbers follow YAML 1.2 here: no underscores, exponents without a dot.
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                                                   "tag:yaml.org,2002:bool")]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(  # YAML 1.2 booleans: "progress: off" stays the string "off"
+    "tag:yaml.org,2002:bool", re.compile(r"^(true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789"))
 _UniqueKeyLoader.add_implicit_resolver(

@@ -165,7 +165,8 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     Args:
         cfg: the resolved trial config.
         runtime: rank, world size and device; detected from torch.distributed when None.
-        reporter: called on every rank-0 evaluation with (metrics, checkpoint directory or None).
+        reporter: called after every evaluation on every rank with (metrics, checkpoint directory); the
+            directory is None on ranks other than 0 and when checkpointing is off.
         resume_from: a checkpoint directory to continue from, or "auto" for ``<out_dir>/checkpoint`` when present.
         out_dir: where splits and checkpoints go (default ``cfg.run.out_dir`` or ``runs/<name>-<id>``).
     """
@@ -290,11 +291,12 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
                                 miou=f"{val['val/miou']:.1f}")
-            if reporter is not None and runtime.is_main:
+            if reporter is not None:  # every rank: Ray Train's report is a barrier; only rank 0 has the checkpoint
                 reporter(dict(metrics), checkpoint)
     if bar is not None:
         bar.close()
     metrics["time/wall_s"] = time.perf_counter() - t_start
+    metrics["resumed_from"] = start  # 0 for a fresh run; the iteration a resumed run continued from
     metrics["history"] = history
     return metrics
 

@@ -107,3 +107,11 @@ def test_switching_preset_on_resolved_config_rederives_method():
     assert mt.method.conf_thresh == 0.8 and mt.method.global_div == 2.0
     assert cfg.with_overrides(["method.name=unimatch"]).method == TrialConfig.from_dict(
         {"method": {"name": "unimatch"}}).method
+
+
+def test_yaml_scalars_follow_yaml_1_2(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  partition: 1_8\nrun:\n  progress: off\noptim:\n  lr: 1e-3\n")
+    cfg = TrialConfig.from_yaml(str(p), ["run.checkpoint=false"])
+    assert cfg.data.partition == "1_8" and cfg.run.progress == "off" and cfg.optim.lr == 1e-3
+    assert cfg.run.checkpoint is False

@@ -47,6 +47,7 @@ class SynthParams:
     """
 
     ref_size: int = 64
+    textures: tuple[str, ...] = ("stripes", "checker", "dots")  # class k >= 1 is textures[k - 1]
     num_objects: tuple[int, int] = (1, 3)  # inclusive
     object_radius: tuple[float, float] = (0.12, 0.26)  # mean semi-axis, fraction of the image side
     aspect: tuple[float, float] = (0.6, 1 / 0.6)  # semi-axis ratio a/b, log-uniform
@@ -81,7 +82,7 @@ def make_sample(seed: int, index: int, size: int = 64,
     layer = np.zeros((size, size), np.int16)  # which object is in front: drives where the boundary band goes
     n_obj = int(rng.integers(params.num_objects[0], params.num_objects[1], endpoint=True))
     for k in range(1, n_obj + 1):
-        cls = int(rng.integers(1, NUM_CLASSES))
+        cls = int(rng.integers(1, len(params.textures) + 1))
         inside = _shape(rng, xx, yy, size, params)
         tex = _texture(rng, cls, xx, yy, scale, params)
         lo, hi = _object_colours(rng, params)
@@ -162,20 +163,21 @@ def _texture(rng: np.random.Generator, cls: int, xx: np.ndarray, yy: np.ndarray,
     cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
     u = xx * cos + yy * sin
     v = -xx * sin + yy * cos
-    if cls == 1:  # stripes: a 1-D square wave across u
+    kind = p.textures[cls - 1]
+    if kind == "stripes":  # a 1-D square wave across u
         period = rng.uniform(*p.stripe_period) * scale
         return ((u / period + rng.random()) % 1.0 < 0.5).astype(np.float32)
-    if cls == 2:  # checker: parity of the two cell indices
+    if kind == "checker":  # parity of the two cell indices
         cell = rng.uniform(*p.checker_period) * scale / 2
         ph = rng.random(2) * 2
         return ((np.floor(u / cell + ph[0]) + np.floor(v / cell + ph[1])) % 2).astype(np.float32)
-    if cls == 3:  # dots: discs on a square lattice
+    if kind == "dots":  # discs on a square lattice
         pitch = rng.uniform(*p.dot_pitch) * scale
         radius = min(rng.uniform(*p.dot_radius) * scale, 0.45 * pitch)
         du = ((u / pitch + rng.random()) % 1.0 - 0.5) * pitch
         dv = ((v / pitch + rng.random()) % 1.0 - 0.5) * pitch
         return (du * du + dv * dv <= radius * radius).astype(np.float32)
-    raise ValueError(f"no texture for class {cls}")
+    raise ValueError(f"no texture family {kind!r}")
 
 
 def _object_colours(rng: np.random.Generator, p: SynthParams) -> tuple[np.ndarray, np.ndarray]:

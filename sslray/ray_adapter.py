@@ -1,0 +1,440 @@
+"""Everything sslray does with Ray, in one module (Ray's API moves; nothing else imports it).
+
+    sslray run studies/quickstart.yaml                        # a local Ray instance on this machine
+    sslray run studies/x.yaml --address auto --storage /nfs/sslray   # an existing cluster (ray up cluster.yaml)
+
+Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
+
+* One Tune trial per planned trial (grids and ablations arrive fully resolved; searches come from Tune's
+  ``OptunaSearch``). The Tune trial function is the trial's driver.
+* ``resources.workers == 1``: the trial trains inside the Tune trial actor itself (plain Tune, actors reused
+  between trials). Ray Train would add a controller, a worker group, a placement group and a 2 s-paced
+  teardown for nothing: a single worker has no one to all-reduce with. Retries are Tune's
+  ``FailureConfig``; the trainer resumes from its own checkpoint in the trial directory.
+* ``resources.workers > 1``: the driver builds a ``ray.train.torch.TorchTrainer`` (gloo on CPU, nccl on GPU)
+  whose workers run the shared trainer under DDP; rank 0 reports metrics with a checkpoint through
+  ``TuneReportCallback``. The driver holds only a ``train_driver`` custom resource, so drivers never starve
+  their own workers (the Tune + Train deadlock), and ``max_concurrent_trials`` is derived from what the
+  workers need.
+* Every finished trial writes its own Parquet row (``ResultsStore``) before it returns, so a crash of the
+  ``sslray run`` process loses nothing finished; ``--resume`` (or a plain re-run) skips stored trial ids and
+  continues unfinished ones from their checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# Set before Ray starts: the controller polls workers at this interval, which paces every report and the
+# teardown (2 s default measured as 6.5 s of teardown per trial; ray.md §1.3).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import ray.tune  # noqa: E402
+
+from sslray.config import ConfigError, TrialConfig  # noqa: E402
+from sslray.results import ResultsStore, make_row  # noqa: E402
+from sslray.study import PlannedTrial, Study  # noqa: E402
+
+DRIVER_RESOURCE = "train_driver"
+
+
+class ClusterTooSmall(ConfigError):
+    """The study asks for more than the cluster has: reported before anything starts."""
+
+
+@dataclass
+class RunSummary:
+    planned: int
+    skipped: int
+    ran: int
+    ok: int
+    failed: int
+    wall_s: float
+    failures: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# inside the trial
+
+
+def _trial_dir(storage: str, trial_id: str) -> str:
+    return os.path.join(storage, "trials", trial_id)
+
+
+def _device_label(gpus: float) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _finish(spec: dict, cfg: TrialConfig, status: str, metrics: dict | None, reason: str | None, t0: float,
+            extra: dict | None = None) -> dict:
+    """Write the trial's result row (and its history) to the store; returns the row."""
+    store = ResultsStore(spec["storage"])
+    metrics = dict(metrics or {})
+    history = metrics.pop("history", None)
+    res = spec["resources"]
+    wall = time.time() - t0
+    row_extra = {"gpus": res["workers"] * res["gpus_per_worker"], "cpus": res["workers"] * res["cpus_per_worker"],
+                 "rerun": spec["rerun"], "world_size": res["workers"], **(extra or {})}
+    split = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), "splits")
+    if os.path.isdir(split):
+        from sslray.data.splits import file_sha256
+
+        row_extra["split_sha256"] = {f: file_sha256(os.path.join(split, f)) for f in sorted(os.listdir(split))}
+    row = make_row(spec["study"], spec["cell"], cfg, status, metrics, reason, wall,
+                   _device_label(res["gpus_per_worker"]), row_extra)
+    store.write(row, history)
+    return row
+
+
+def _fit_with(spec: dict, cfg: TrialConfig, runtime, reporter, resume_from) -> tuple[str, dict | None, str | None]:
+    from sslray.methods import NonFiniteLossError
+    from sslray.trainer import fit
+
+    out_dir = _trial_dir(spec["storage"], cfg.trial_id())
+    try:
+        metrics = fit(cfg, runtime, reporter, resume_from=resume_from, out_dir=out_dir)
+        return "ok", metrics, None
+    except NonFiniteLossError as e:  # deterministic: retrying would fail the same way
+        return "failed", None, str(e)
+    except (FileNotFoundError, ValueError) as e:  # bad data or config found at trial start
+        return "failed", None, f"{type(e).__name__}: {e}"
+
+
+def trial_driver(config: dict) -> dict:
+    """The Tune trial function: resolves the config, trains (here or on a Train worker group), stores the row."""
+    spec = dict(config["sslray"])
+    if "params" in config:  # a search sample: dotted params from OptunaSearch
+        study = _load_study_for_search(spec)
+        cfg = study.trial_from_params(config["params"], spec["seed"])
+        spec["cell"] = {**config["params"], "seed": spec["seed"]}
+    else:
+        cfg = TrialConfig.from_dict(spec["config"], source=f"study {spec['study']}")
+    spec["rerun"] = f"sslray train <config> # trial {cfg.short_id()}"
+    t0 = time.time()
+    if spec["resources"]["workers"] == 1:
+        status, metrics, reason = _fit_in_actor(spec, cfg)
+    else:
+        status, metrics, reason = _fit_on_workers(spec, cfg)
+    _finish(spec, cfg, status, metrics, reason, t0, extra=(metrics or {}).pop("_extra", None))
+    final = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and k != "history"}
+    return {**final, "sslray_status": status, "sslray_trial_id": cfg.trial_id()}
+
+
+def _fit_in_actor(spec: dict, cfg: TrialConfig):
+    from sslray.trainer import Runtime
+
+    def reporter(metrics: dict, checkpoint: str | None) -> None:
+        ray.tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    return _fit_with(spec, cfg, Runtime.detect(cfg.run.device), reporter, "auto")
+
+
+def _fit_on_workers(spec: dict, cfg: TrialConfig):
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = spec["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"spec": spec, "config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
+                                               resources_per_worker=per_worker,
+                                               placement_strategy=res.get("placement", "PACK").upper()),
+        run_config=ray.train.RunConfig(
+            name=f"{spec['study']}-{cfg.short_id()}",  # stable: a re-run finds and resumes this run
+            storage_path=os.path.join(spec["storage"], "ray_train"),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=spec["max_failures"], controller_failure_limit=3),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+    result = trainer.fit()
+    out = result.return_value if result.return_value is not None else {}
+    if result.error is not None and not out:
+        return "failed", None, f"{type(result.error).__name__}: {result.error}"
+    return out.get("status", "failed"), out.get("metrics"), out.get("reason")
+
+
+def train_fn_per_worker(loop_config: dict) -> dict | None:
+    """Runs on each Ray Train worker: the shared trainer under DDP (process group set up by Ray Train)."""
+    import torch.distributed as dist
+
+    from sslray.trainer import Runtime
+
+    spec = loop_config["spec"]
+    cfg = TrialConfig.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    runtime = Runtime.detect(cfg.run.device)
+    nodes: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+
+    def reporter(metrics: dict, checkpoint: str | None) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ck = ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None
+        ray.train.report(scalars, checkpoint=ck)  # every rank: report is a barrier
+
+    resume_from = "auto"
+    ck = ray.train.get_checkpoint()  # after a worker failure: the last reported checkpoint
+    if ck is not None:
+        with ck.as_directory() as d:
+            local = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), "restored")
+            if ctx.get_world_rank() == 0 or not os.path.exists(local):
+                import shutil
+
+                shutil.copytree(d, local, dirs_exist_ok=True)
+            resume_from = local
+    status, metrics, reason = _fit_with(spec, cfg, runtime, reporter, resume_from)
+    if ctx.get_world_rank() != 0:
+        return None
+    if metrics is not None:
+        metrics["_extra"] = {"nodes": sorted(set(nodes)), "worker_nodes": nodes}
+    return {"status": status, "metrics": metrics, "reason": reason}
+
+
+_STUDY_CACHE: dict[str, Study] = {}
+
+
+def _load_study_for_search(spec: dict) -> Study:
+    from sslray.study import load_study
+
+    key = spec["study_path"] + json.dumps(spec["overrides"])
+    if key not in _STUDY_CACHE:
+        _STUDY_CACHE[key] = load_study(spec["study_path"], spec["overrides"])
+    return _STUDY_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# the study driver (the ``sslray run`` process)
+
+
+def _init_ray(address: str | None, storage: str, num_cpus: int | None) -> None:
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = num_cpus or os.cpu_count() or 1
+    ray.init(num_cpus=cpus, resources={DRIVER_RESOURCE: 1000}, include_dashboard=True,
+             runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def trial_resources(study: Study) -> dict[str, float]:
+    """What one Tune trial holds: the whole worker for one worker, else only the driver token."""
+    r = study.resources
+    if r.workers == 1:
+        return {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
+    return {"cpu": 0, DRIVER_RESOURCE: 1}
+
+
+def max_concurrent(study: Study, cluster: dict[str, float], n_trials: int) -> int:
+    """How many trials can run at once without drivers starving workers; 0 means never."""
+    r = study.resources
+    limits = [n_trials]
+    if r.cpus_per_worker > 0:
+        limits.append(math.floor(cluster.get("CPU", 0) / (r.workers * r.cpus_per_worker)))
+    if r.gpus_per_worker > 0:
+        limits.append(math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker)))
+    if r.workers > 1:
+        limits.append(int(cluster.get(DRIVER_RESOURCE, 0)))
+    return max(0, min(limits))
+
+
+def check_fits(study: Study, cluster: dict[str, float], source: str) -> None:
+    r = study.resources
+    if r.workers > 1 and cluster.get(DRIVER_RESOURCE, 0) < 1:
+        raise ClusterTooSmall(source, "resources.workers",
+                              f"{r.workers} workers per trial need a '{DRIVER_RESOURCE}' resource on the head node "
+                              f"(ray start --head --resources='{{\"{DRIVER_RESOURCE}\": 100}}'); the cluster has none")
+    need = {"CPU": r.workers * r.cpus_per_worker, "GPU": r.workers * r.gpus_per_worker}
+    for k, v in need.items():
+        if v > cluster.get(k, 0):
+            raise ClusterTooSmall(source, "resources",
+                                  f"one trial needs {v:g} {k} ({r.workers} workers) but the cluster has "
+                                  f"{cluster.get(k, 0):g}")
+
+
+class _Progress(ray.tune.Callback):
+    """One line per finished trial: what ran, what it scored, how long it took."""
+
+    def __init__(self, total: int, labels: dict[str, str], metric: str):
+        self.total, self.labels, self.metric, self.done = total, labels, metric, 0
+        self.t0 = time.time()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        r = trial.last_result or {}
+        label = self.labels.get(r.get("sslray_trial_id", ""), trial.trial_id)
+        score = r.get(self.metric)
+        status = r.get("sslray_status", "?")
+        s = f"{score:.2f}" if isinstance(score, (int, float)) else "-"
+        print(f"[{self.done}/{self.total}] {label}: {status} {self.metric} {s} "
+              f"({time.time() - self.t0:.0f}s elapsed)", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {trial.trial_id}: error (see {trial.local_path})", flush=True)
+
+
+def _label(p: PlannedTrial) -> str:
+    parts = [f"{k}={v}" for k, v in p.point.items() if k != "seed"]
+    return " ".join(parts + [f"seed={p.seed}"])
+
+
+def plan(study: Study, storage: str, retry_failed: bool = False) -> tuple[list[PlannedTrial], list[PlannedTrial]]:
+    """(to run, skipped): trials whose id is already stored are skipped (failed ones too, unless retried)."""
+    store = ResultsStore(storage)
+    done = store.ids("ok") | (set() if retry_failed else store.ids("failed"))
+    planned = study.trials()
+    return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]
+
+
+def run_study(study: Study, address: str | None = None, storage: str | None = None, resume: bool = False,
+              retry_failed: bool = False, num_cpus: int | None = None, max_failures: int = 2,
+              overrides: tuple[str, ...] = (), verbose: bool = True) -> RunSummary:
+    """Run every missing trial of ``study`` on Ray and store one Parquet row per trial."""
+    t0 = time.time()
+    storage = os.path.abspath(storage or study.storage)
+    os.makedirs(storage, exist_ok=True)
+    _check_writable(storage, study.path)
+    todo, skipped = plan(study, storage, retry_failed)
+    search = study.search is not None
+    if not todo and not search:
+        if verbose:
+            print(f"sslray run: all {len(skipped)} trials of {study.name} are already in {storage}")
+        return RunSummary(len(skipped), len(skipped), 0, 0, 0, time.time() - t0)
+    _init_ray(address, storage, num_cpus)
+    cluster = ray.cluster_resources()
+    check_fits(study, cluster, study.path)
+    n = study.search.num_samples if search else len(todo)
+    concurrent = max_concurrent(study, cluster, n)
+    res = study.resources
+    base_spec = {"study": study.name, "storage": storage, "max_failures": max_failures,
+                 "resources": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,
+                               "gpus_per_worker": res.gpus_per_worker,
+                               "placement": res.placement},
+                 "study_path": os.path.abspath(study.path), "overrides": list(overrides)}
+    trainable = ray.tune.with_resources(trial_driver, trial_resources(study))
+    labels = {p.trial_id: _label(p) for p in todo}
+    metric = study.report.metric
+    if search:
+        param_space, tune_cfg = _search_setup(study, base_spec, concurrent)
+    else:
+        specs = [{**base_spec, "config": p.config.to_dict(), "cell": {**p.point, "seed": p.seed}, "seed": p.seed}
+                 for p in todo]
+        param_space = {"sslray": ray.tune.grid_search(specs)}
+        tune_cfg = ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True)
+    if verbose:
+        what = f"{n} search samples" if search else f"{len(todo)} trials ({len(skipped)} already stored)"
+        print(f"sslray run: {study.name}: {what}, {concurrent} at a time, "
+              f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each -> {storage}",
+              flush=True)
+    tuner = ray.tune.Tuner(
+        trainable, param_space=param_space, tune_config=tune_cfg,
+        run_config=ray.tune.RunConfig(
+            name=f"{study.name}-tune", storage_path=os.path.join(storage, "ray_tune"), verbose=0,
+            failure_config=ray.tune.FailureConfig(max_failures=max_failures),
+            callbacks=[_Progress(n, labels, metric)] if verbose else []))
+    grid = tuner.fit()
+    _store_errored(grid, study, storage, base_spec)
+    store = ResultsStore(storage)
+    ids = {p.trial_id for p in todo}
+    ok_ids, failed_ids = store.ids("ok"), store.ids("failed")
+    if search:
+        ran = [r for r in grid if r.metrics and r.metrics.get("sslray_trial_id")]
+        ok = sum(1 for r in ran if r.metrics.get("sslray_status") == "ok")
+        return RunSummary(n, 0, len(ran), ok, len(ran) - ok, time.time() - t0)
+    ok, failed = len(ids & ok_ids), len(ids & failed_ids)
+    return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
+
+
+def _store_errored(grid, study: Study, storage: str, base_spec: dict) -> None:
+    """Trials that crashed past their retries (Tune marks them errored) still get a failed row."""
+    store = ResultsStore(storage)
+    for r in grid:
+        if r.error is None:
+            continue
+        spec = (r.config or {}).get("sslray")
+        if not spec or "config" not in spec:
+            continue
+        cfg = TrialConfig.from_dict(spec["config"])
+        if store.has(cfg.trial_id()):
+            continue
+        reason = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300] if str(r.error) else ''}"
+        _finish({**spec, "rerun": ""}, cfg, "failed", None, reason, time.time())
+
+
+def _search_setup(study: Study, base_spec: dict, concurrent: int):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = study.search
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=s.seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
+                "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
+                "bruteforce": lambda: optuna.samplers.BruteForceSampler(seed=s.seed),
+                "grid": lambda: optuna.samplers.GridSampler(
+                    {f"params/{k}": list(v["choice"]) for k, v in s.space.items()}, seed=s.seed)}
+    space = {"params": {k: _domain(v) for k, v in s.space.items()}}
+    searcher = OptunaSearch(metric=s.metric, mode=s.mode, sampler=samplers[s.sampler]())
+    scheduler = None
+    if s.scheduler:
+        from ray.tune.schedulers import ASHAScheduler
+
+        sch = {k: v for k, v in s.scheduler.items() if k != "type"}  # validated and filled in by study.py
+        # stop_last_trials=False: survivors at max_t exit on their own instead of being killed (ray.md §1.4)
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode,
+                                  stop_last_trials=False, **sch)
+    spec = {**base_spec, "seed": study.seeds[0], "cell": {}}
+    param_space = {**space, "sslray": spec}
+    cfg = ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+                              max_concurrent_trials=concurrent, reuse_actors=True)
+    return param_space, cfg
+
+
+def _domain(d: dict):
+    (kind, args), = d.items()
+    if kind == "uniform":
+        return ray.tune.uniform(*args)
+    if kind == "loguniform":
+        return ray.tune.loguniform(*args)
+    if kind == "int":
+        lo, hi, *step = args
+        return ray.tune.qrandint(lo, hi, step[0]) if step else ray.tune.randint(lo, hi + 1)
+    if kind == "choice":
+        return ray.tune.choice(list(args))
+    raise ValueError(f"unknown distribution {kind!r}")
+
+
+def _check_writable(storage: str, source: str) -> None:
+    probe = os.path.join(storage, f".write_probe.{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(source, "storage", f"{storage} is not writable: {e.strerror}") from None
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+__all__ = ["run_study", "plan", "max_concurrent", "trial_resources", "check_fits", "shutdown", "RunSummary",
+           "trial_driver", "train_fn_per_worker", "ClusterTooSmall"]

@@ -1,0 +1,742 @@
+"""Study files: YAML -> validated :class:`Study` -> the list of fully resolved trials.
+
+A study is the unit of work (``design.md`` section 1): a grid ("these methods x these partitions"), an ablation
+("this method with each component removed"), or an Optuna search, each repeated over seeds::
+
+    study = load_study("studies/quickstart.yaml", overrides=["train.iterations=200"])
+    for t in study.trials():          # grid x (baseline + variants) x seeds, each with a stable trial id
+        print(t.trial_id[:12], t.config.name, t.point, t.seed)
+
+Everything is checked when the file is loaded, before any GPU time is spent, and every problem is one
+``ConfigError`` line ``<file>: <dotted key in the study file>: <message>``, e.g.
+``studies/x.yaml: grid.optim.lr: expected a number, got 'fast'``. Grid values, ablation overrides and search bounds
+are validated by building the configs they produce, so they obey exactly the rules of ``sslray.config``.
+
+How a cell is built: the ``base`` section *as written* (plus ``--set`` overrides), with the cell's dotted keys set on
+it, then ``TrialConfig.from_dict``. Building from the written section rather than the resolved config matters for a
+``method.name`` axis: each method is re-derived from its own preset, while keys the user wrote under ``base.method``
+(say ``conf_thresh``) still apply to every method.
+"""
+from __future__ import annotations
+
+import collections.abc
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from sslray.config import (ConfigError, MethodConfig, TrialConfig, apply_overrides, flatten, get_dotted,
+                           load_yaml, set_dotted)
+
+STUDY_KEYS = ("name", "base", "grid", "ablation", "seeds", "search", "resources", "report", "storage")
+MAX_FILE_BYTES = 1 << 20
+# PyYAML's safe loader shares aliased nodes, so a few hundred bytes of nested anchors ("billion laughs") load
+# fine but expand to billions of values in anything that walks the data (deepcopy, flatten, our checks).
+MAX_NODES = 100_000
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+SAMPLERS = ("tpe", "gp", "random", "grid", "bruteforce")
+# Samplers that enumerate values, and the distributions they can enumerate (Optuna's GridSampler takes lists).
+DISCRETE_SAMPLERS = {"grid": ("choice",), "bruteforce": ("int", "choice")}
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+SCHEDULER_TYPES = ("asha",)
+AGGS = ("last", "best")
+VARIANT = "variant"  # report.rows / report.cols may name the ablation variant instead of a config key
+
+
+# --------------------------------------------------------------------------------------------------
+# the parsed study
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """An Optuna search. ``space`` maps dotted config keys to one distribution each, as written and validated:
+    ``{"uniform": [lo, hi]}``, ``{"loguniform": [lo, hi]}``, ``{"int": [lo, hi]}`` / ``{"int": [lo, hi, step]}``
+    (inclusive), ``{"choice": [a, b, ...]}``. ``scheduler`` is None or an ASHA dict with every key filled in
+    (``type, grace_period, reduction_factor, max_t, brackets``); its time unit is the number of evaluations, and
+    ``max_t`` defaults to the evaluations of ``base`` (``ceil(train.iterations / train.eval_every)``)."""
+
+    sampler: str
+    num_samples: int
+    metric: str
+    mode: str
+    space: dict[str, dict]
+    scheduler: dict | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks Ray for: ``workers`` training processes, each with these CPUs and GPUs (fractions ok)."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    placement: str = "pack"  # pack: workers share nodes when they fit; spread: one per node where possible
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """The comparison table: ``rows`` and ``cols`` are dotted config keys or ``"variant"``; ``agg`` is ``last`` (the
+    final evaluation) or ``best`` (the ``best/<metric>`` columns); ``baseline`` is a row label for the delta columns."""
+
+    rows: str = "method.name"
+    cols: str = "data.partition"
+    metric: str = "val/miou"
+    agg: str = "last"
+    baseline: str | None = None
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A baseline row plus named variants; each variant is a dict of flattened dotted overrides."""
+
+    baseline: str
+    variants: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One resolved trial. ``point`` holds the values that define its table cell (the grid values, and
+    ``"variant"`` for an ablation), as they appear in the resolved config."""
+
+    config: TrialConfig
+    trial_id: str
+    variant: str | None
+    point: dict[str, Any]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file. ``base_dict`` is the ``base`` section as written plus ``--set`` overrides: cells are
+    built from it (see the module docstring)."""
+
+    name: str
+    path: str
+    base: TrialConfig
+    grid: dict[str, list]
+    ablation: Ablation | None
+    seeds: tuple[int, ...]
+    search: SearchSpec | None
+    resources: Resources
+    report: ReportSpec
+    storage: str
+    base_dict: dict = dataclasses.field(repr=False, compare=False)
+
+    def trials(self, unique: bool = True) -> list[PlannedTrial]:
+        """Every trial of a grid / ablation study; ``[]`` for a search study (its searcher proposes the trials, see
+        :meth:`trial_from_params`).
+
+        Order: seeds outermost, then grid points (``itertools.product`` over the axes in file order), then the
+        baseline and the variants in file order. Seed-major order means the first trials to finish already fill the
+        whole table once. With ``unique`` (the default) a trial id seen before is dropped, keeping the first; pass
+        ``unique=False`` to a table so that a trial shared by two cells counts in both.
+        """
+        if self.search is not None:
+            return []
+        out, seen = [], set()
+        for seed in self.seeds:
+            for cell in self._cells():
+                t = self._plan(cell, seed)
+                if unique and t.trial_id in seen:
+                    continue
+                seen.add(t.trial_id)
+                out.append(t)
+        return out
+
+    def search_space(self) -> dict:
+        """The validated search space (dotted key -> ``{distribution: args}``); ``{}`` without a search."""
+        return copy.deepcopy(self.search.space) if self.search else {}
+
+    def trial_from_params(self, params: Mapping[str, Any], seed: int) -> TrialConfig:
+        """The config of a search sample: ``base`` with the dotted ``params`` set, ``seed``, and the name
+        ``<study>-<short trial id>``. Raises ConfigError for a value the config rejects. Which of ``seeds`` a
+        sample runs with (once, or once per seed) is the caller's choice."""
+        cfg = _build(self.base_dict, {**params, "seed": seed}, self.path, "search.space")
+        return dataclasses.replace(cfg, name=f"{self.name}-{cfg.short_id()}")
+
+    def _cells(self) -> list[tuple[dict[str, Any], str | None, dict[str, Any]]]:
+        """(grid point, variant label, dotted overrides) for every cell, in plan order."""
+        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+        if self.ablation is None:
+            return [(p, None, dict(p)) for p in points]
+        variants = {self.ablation.baseline: {}, **self.ablation.variants}
+        return [(p, label, {**p, **over}) for p in points for label, over in variants.items()]
+
+    def _plan(self, cell: tuple[dict[str, Any], str | None, dict[str, Any]], seed: int) -> PlannedTrial:
+        point, variant, sets = cell
+        in_variant = self.ablation is not None and variant in self.ablation.variants
+        cfg = _build(self.base_dict, {**sets, "seed": seed}, self.path,
+                     f"ablation.variants.{variant}" if in_variant else "grid")
+        resolved = cfg.to_dict()
+        point = {k: get_dotted(resolved, k) for k in point}
+        if variant is not None:
+            point[VARIANT] = variant
+        label = "-".join([cell_label(v) for v in point.values()] + [f"s{seed}"])
+        label = re.sub(r"[^A-Za-z0-9_.+=-]", "_", label)
+        if len(label) > 64:  # names become paths; a long grid point is better named by its id
+            label = f"{cfg.short_id()}-s{seed}"
+        cfg = dataclasses.replace(cfg, name=f"{self.name}-{label}")
+        return PlannedTrial(cfg, cfg.trial_id(), variant, point, seed)
+
+
+def cell_label(value: Any) -> str:
+    """How a config value is written as a row/column label or in a trial name: strings as they are, everything else
+    as JSON (``0.05``, ``true``, ``[0.5, 2.0]``). Results rows store non-scalars as the same JSON, so labels taken
+    from a planned config and from a Parquet column agree."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict, str)):
+        value = value.item()  # numpy scalars from a DataFrame
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
+    """Read and validate a study file; ``overrides`` (``"key=value"``, like ``sslray train --set``) apply to
+    ``base``. Raises ConfigError naming the file and the key for anything wrong."""
+    raw = _read(path)
+    for key in raw:
+        if key not in STUDY_KEYS:
+            raise ConfigError(path, str(key), f"unknown key (expected one of: {', '.join(STUDY_KEYS)})")
+    name = _name(raw, path)
+    base_dict, base = _base(raw.get("base"), path, overrides)
+    grid = _grid(raw.get("grid"), path, base_dict, overrides)
+    ablation = _ablation(raw.get("ablation"), path, base_dict, grid)
+    seeds = _seeds(raw.get("seeds", [0]), path)
+    search = _search(raw.get("search"), path, base, base_dict)
+    if search is not None:
+        for other in ("grid", "ablation"):
+            if other in raw:
+                raise ConfigError(path, "search", f"cannot be combined with {other}: a search samples its own "
+                                                  "configs (put fixed values in base, one study per setting)")
+    study = Study(name=name, path=path, base=base, grid=grid, ablation=ablation, seeds=seeds, search=search,
+                  resources=_resources(raw.get("resources"), path),
+                  report=ReportSpec(), storage=_storage(raw.get("storage"), name, path), base_dict=base_dict)
+    planned = study.trials(unique=False)  # builds every cell once: combinations fail here, not on the cluster
+    report = _report(raw.get("report"), path, grid, ablation, planned)
+    return dataclasses.replace(study, report=report)
+
+
+def _read(path: str) -> dict:
+    """The file's top-level mapping, refusing oversized files before parsing and alias bombs after."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(path, "", f"file is {size} bytes; study files are limited to {MAX_FILE_BYTES} bytes (1 MiB)")
+    try:
+        raw = load_yaml(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
+    if _count_nodes(raw, MAX_NODES) > MAX_NODES:
+        raise ConfigError(path, "", f"more than {MAX_NODES} values after expanding YAML aliases; refusing to load "
+                                    "(nested anchors multiply)")
+    if raw is None:
+        raise ConfigError(path, "", "the file is empty (a study needs at least a name)")
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", f"expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def _count_nodes(obj: Any, limit: int) -> int:
+    """Values reachable from ``obj``, counting shared (aliased) ones each time; stops just past ``limit``, so the
+    count itself costs O(limit) even for an exponential alias tree."""
+    count, stack = 0, [obj]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def _name(raw: dict, path: str) -> str:
+    if "name" not in raw:
+        raise ConfigError(path, "name", "required: the study name ([A-Za-z0-9_.-]+, used in paths)")
+    name = raw["name"]
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.startswith("."):
+        raise ConfigError(path, "name", f"expected [A-Za-z0-9_.-]+ not starting with '.' (used in paths), got {name!r}")
+    return name
+
+
+def _base(section: Any, path: str, overrides: Sequence[str]) -> tuple[dict, TrialConfig]:
+    """The written base dict (with overrides) and its TrialConfig; errors name ``base.<key>`` or ``--set``."""
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(path, "base", f"expected a mapping (a trial config), got {section!r}")
+    for key in ("name", "seed"):
+        if key in section:
+            raise ConfigError(path, f"base.{key}", _RESERVED[key])
+    base = _build(section, {}, path, "base", relocate_all=True)
+    if not overrides:
+        return section, base
+    source = f"{path} (--set)"
+    try:
+        with_set = apply_overrides(section, list(overrides), source)
+    except ConfigError as e:
+        raise ConfigError(source, e.key, e.message) from None
+    for key in flatten(apply_overrides({}, list(overrides), source)):
+        if key.split(".")[0] in _RESERVED:
+            raise ConfigError(source, key, _RESERVED[key.split(".")[0]])
+        _check_key(key, source, "")
+    try:
+        return with_set, _build(with_set, {}, source, "")
+    except ConfigError as e:
+        raise ConfigError(source, e.key, e.message) from None
+
+
+_RESERVED = {"name": "set by the study (<study>-<cell label>); remove it",
+             "seed": "set seeds with the top-level 'seeds' list"}
+
+
+def _grid(section: Any, path: str, base_dict: dict, overrides: Sequence[str]) -> dict[str, list]:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(path, "grid", f"expected a mapping of dotted key -> list of values, got {section!r}")
+    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
+    grid = {}
+    for key, values in section.items():
+        key = str(key)
+        where = f"grid.{key}"
+        if key.split(".")[0] in _RESERVED:
+            raise ConfigError(path, where, _RESERVED[key.split(".")[0]])
+        _check_key(key, path, "grid")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(path, where, f"expected a non-empty list of values, got {values!r}")
+        if key in set_keys:
+            raise ConfigError(f"{path} (--set)", key, "is a grid axis of this study; the grid sets it")
+        for i, v in enumerate(values):
+            if v in values[:i]:
+                raise ConfigError(path, where, f"lists {v!r} twice")
+            _build(base_dict, {key: v}, path, "grid")
+        grid[key] = list(values)
+    return grid
+
+
+def _ablation(section: Any, path: str, base_dict: dict, grid: dict) -> Ablation | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(path, "ablation", f"expected a mapping with baseline and variants, got {section!r}")
+    for key in section:
+        if key not in ("baseline", "variants"):
+            raise ConfigError(path, f"ablation.{key}", "unknown key (expected one of: baseline, variants)")
+    baseline = section.get("baseline", "full")
+    if not isinstance(baseline, str) or not baseline.strip():
+        raise ConfigError(path, "ablation.baseline", f"expected a non-empty row label, got {baseline!r}")
+    variants = section.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(path, "ablation.variants",
+                          f"expected a non-empty mapping of label -> {{dotted key: value}}, got {variants!r}")
+    out = {}
+    for label, over in variants.items():
+        out[str(label)] = _variant(str(label), over, baseline, path, base_dict, grid)
+    return Ablation(baseline, out)
+
+
+def _variant(label: str, over: Any, baseline: str, path: str, base_dict: dict, grid: dict) -> dict[str, Any]:
+    """One variant's overrides, flattened (``{method: {terms: ...}}`` and ``{method.terms...: v}`` both work)."""
+    where = f"ablation.variants.{label}"
+    if label == baseline:
+        raise ConfigError(path, where, "has the baseline's label")
+    if not label.strip() or "\n" in label:
+        raise ConfigError(path, where, "expected a non-empty one-line label")
+    if not isinstance(over, dict) or not over:
+        raise ConfigError(path, where, f"expected a non-empty mapping of dotted key -> value, got {over!r}")
+    flat = flatten(over)
+    for key in flat:
+        if key.split(".")[0] in _RESERVED:
+            raise ConfigError(path, f"{where}.{key}", _RESERVED[key.split(".")[0]])
+        _check_key(key, path, where)
+        if any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in grid):
+            raise ConfigError(path, f"{where}.{key}", "is also a grid axis; a variant may not change it")
+    _build(base_dict, flat, path, where)
+    return flat
+
+
+def _seeds(seeds: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(path, "seeds", f"expected a non-empty list of non-negative integers, got {seeds!r}")
+    for i, s in enumerate(seeds):
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(path, "seeds", f"expected non-negative integers, got {s!r}")
+        if s in seeds[:i]:
+            raise ConfigError(path, "seeds", f"{s} is listed twice")
+    return tuple(seeds)
+
+
+def _resources(section: Any, path: str) -> Resources:
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(path, "resources", f"expected a mapping, got {section!r}")
+    names = [f.name for f in dataclasses.fields(Resources)]
+    for key, v in section.items():
+        where = f"resources.{key}"
+        if key not in names:
+            raise ConfigError(path, where, f"unknown key (expected one of: {', '.join(names)})")
+        if key == "workers" and not (_is_int(v) and v >= 1):
+            raise ConfigError(path, where, f"expected an integer >= 1, got {v!r}")
+        if key == "placement":
+            if v not in ("pack", "spread"):
+                raise ConfigError(path, where, f"expected one of ['pack', 'spread'], got {v!r}")
+            continue
+        if key != "workers" and not (_is_number(v) and v >= 0):
+            raise ConfigError(path, where, f"expected a number >= 0, got {v!r}")
+    return Resources(**section)
+
+
+def _storage(value: Any, name: str, path: str) -> str:
+    if value is None:
+        return f"runs/{name}"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, "storage", f"expected a path or URI (a non-empty string), got {value!r}")
+    return value
+
+
+def _report(section: Any, path: str, grid: dict[str, list], ablation: Ablation | None,
+            planned: list[PlannedTrial]) -> ReportSpec:
+    """The table spec. An ablation study defaults to rows = variant, and rows = variant defaults the baseline to
+    the ablation's baseline row."""
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(path, "report", f"expected a mapping, got {section!r}")
+    names = [f.name for f in dataclasses.fields(ReportSpec)]
+    for key in section:
+        if key not in names:
+            raise ConfigError(path, f"report.{key}", f"unknown key (expected one of: {', '.join(names)})")
+    spec = ReportSpec(**{"rows": VARIANT if ablation else ReportSpec.rows, **section})
+    if ablation and spec.rows == VARIANT and "baseline" not in section:
+        spec = dataclasses.replace(spec, baseline=ablation.baseline)
+    for key in ("rows", "cols"):
+        _report_axis(getattr(spec, key), f"report.{key}", path, ablation)
+    if spec.rows == spec.cols:
+        raise ConfigError(path, "report.cols", f"is the same key as report.rows ({spec.rows!r})")
+    _report_covers_axes(spec, path, grid, ablation)
+    if not isinstance(spec.metric, str) or not spec.metric:
+        raise ConfigError(path, "report.metric", f"expected a metric name like val/miou, got {spec.metric!r}")
+    if spec.agg not in AGGS:
+        raise ConfigError(path, "report.agg", f"expected one of {list(AGGS)}, got {spec.agg!r}")
+    if spec.baseline is not None:
+        _report_baseline(spec, path, planned)
+    return spec
+
+
+def _report_covers_axes(spec: ReportSpec, path: str, grid: dict[str, list], ablation: Ablation | None) -> None:
+    """A varied axis that is neither rows nor cols would put different configs in one cell, averaged as if they
+    were seeds. With at most two varied axes the report can always cover them, so that is an error here; with
+    more, the study is still valid and a table has to be asked for per slice (tables refuse mixed cells)."""
+    varied = [k for k, values in grid.items()  # run.* values do not change the trial: nothing to average there
+              if len(values) > 1 and k.split(".")[0] not in TrialConfig.NON_IDENTITY] + ([VARIANT] if ablation else [])
+    uncovered = [k for k in varied if k not in (spec.rows, spec.cols)]
+    if uncovered and len(varied) <= 2:
+        raise ConfigError(path, "report", f"{uncovered[0]} varies in this study but is neither report.rows nor "
+                                          f"report.cols ({spec.rows} x {spec.cols}); its cells would average "
+                                          "different configs")
+
+
+def _report_axis(key: Any, where: str, path: str, ablation: Ablation | None) -> None:
+    if key == VARIANT:
+        if ablation is None:
+            raise ConfigError(path, where, "'variant' needs an ablation section")
+        return
+    if not isinstance(key, str):
+        raise ConfigError(path, where, f"expected a dotted config key or 'variant', got {key!r}")
+    t = _check_key(key, path, "report", where=where)
+    if _is_section(t):
+        raise ConfigError(path, where, "is a config section; expected a single value (or 'variant')")
+
+
+def _report_baseline(spec: ReportSpec, path: str, planned: list[PlannedTrial]) -> None:
+    if not isinstance(spec.baseline, str):
+        raise ConfigError(path, "report.baseline", f"expected a row label, got {spec.baseline!r}")
+    if not planned:  # a search study: rows are not known in advance
+        return
+    rows = list(dict.fromkeys(row_label(t, spec.rows) for t in planned))
+    if spec.baseline not in rows:
+        raise ConfigError(path, "report.baseline", f"{spec.baseline!r} is not a row (rows: {', '.join(rows)})")
+
+
+def row_label(trial: PlannedTrial, key: str) -> str:
+    """The table label of a planned trial along ``key`` (a dotted config key or ``"variant"``)."""
+    if key == VARIANT:
+        return trial.variant if trial.variant is not None else ""
+    return cell_label(get_dotted(trial.config.to_dict(), key))
+
+
+# --------------------------------------------------------------------------------------------------
+# search
+
+
+def _search(section: Any, path: str, base: TrialConfig, base_dict: dict) -> SearchSpec | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(path, "search", f"expected a mapping, got {section!r}")
+    names = [f.name for f in dataclasses.fields(SearchSpec)]
+    for key in section:
+        if key not in names:
+            raise ConfigError(path, f"search.{key}", f"unknown key (expected one of: {', '.join(names)})")
+    s = {"sampler": "tpe", "metric": "val/miou", "mode": "max", "scheduler": None, "seed": 0, **section}
+    _choice(s["sampler"], SAMPLERS, "search.sampler", path)
+    _choice(s["mode"], ("max", "min"), "search.mode", path)
+    if "num_samples" not in s:
+        raise ConfigError(path, "search.num_samples", "required: how many configs to try")
+    if not (_is_int(s["num_samples"]) and s["num_samples"] >= 1):
+        raise ConfigError(path, "search.num_samples", f"expected an integer >= 1, got {s['num_samples']!r}")
+    if not isinstance(s["metric"], str) or not s["metric"]:
+        raise ConfigError(path, "search.metric", f"expected a metric name like val/miou, got {s['metric']!r}")
+    if not (_is_int(s["seed"]) and s["seed"] >= 0):
+        raise ConfigError(path, "search.seed", f"expected a non-negative integer, got {s['seed']!r}")
+    space = _space(s.get("space"), path, base, base_dict)
+    allowed = DISCRETE_SAMPLERS.get(s["sampler"])
+    for key, dist in space.items():
+        if allowed and next(iter(dist)) not in allowed:
+            raise ConfigError(path, "search.sampler", f"{s['sampler']} enumerates values: {key} needs "
+                                                      f"a distribution of type {' or '.join(allowed)}")
+    s["space"] = space
+    s["scheduler"] = _scheduler(s["scheduler"], path, base)
+    return SearchSpec(**s)
+
+
+def _choice(value: Any, allowed: tuple, where: str, path: str) -> None:
+    if value not in allowed:
+        raise ConfigError(path, where, f"expected one of {list(allowed)}, got {value!r}")
+
+
+def _space(space: Any, path: str, base: TrialConfig, base_dict: dict) -> dict[str, dict]:
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(path, "search.space", f"expected a non-empty mapping of dotted key -> distribution, "
+                                                f"got {space!r}")
+    resolved = flatten(base.to_dict())
+    out = {}
+    for key, dist in space.items():
+        key = str(key)
+        where = f"search.space.{key}"
+        if key.split(".")[0] in _RESERVED:
+            raise ConfigError(path, where, _RESERVED[key.split(".")[0]])
+        t = _check_key(key, path, "search.space")
+        if key not in resolved:
+            raise ConfigError(path, where, _absent_reason(key, base, t))
+        out[key] = _distribution(dist, key, t, path, base_dict)
+    return out
+
+
+def _absent_reason(key: str, base: TrialConfig, t: Any) -> str:
+    if _is_section(t):
+        return "is a config section; search a single value"
+    parts = key.split(".")
+    if parts[:2] == ["method", "terms"]:
+        return (f"loss term {parts[2]} is not in the base method {base.method.name!r} (its terms: "
+                f"{', '.join(base.method.terms)}); add it to base.method.terms first")
+    return "is not a value of the base config"
+
+
+def _distribution(dist: Any, key: str, t: Any, path: str, base_dict: dict) -> dict:
+    where = f"search.space.{key}"
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise ConfigError(path, where, f"expected one distribution, e.g. {{uniform: [low, high]}} "
+                                       f"({', '.join(DISTRIBUTIONS)}), got {dist!r}")
+    kind, args = next(iter(dist.items()))
+    where = f"{where}.{kind}"
+    problem = _DIST_CHECKS[kind](args)
+    if problem:
+        raise ConfigError(path, where, problem)
+    leaf = unwrap_optional(t)
+    if kind in ("uniform", "loguniform") and leaf is not float:
+        raise ConfigError(path, where, f"{key} is {_type_word(leaf)}; use int or choice")
+    if kind == "int" and leaf not in (int, float):
+        raise ConfigError(path, where, f"{key} is {_type_word(leaf)}; use choice")
+    values = args if kind == "choice" else args[:2]
+    for v in values:  # bounds and choices must be values the config accepts
+        _build(base_dict, {key: v}, path, where, relocate_all=True)
+    return {kind: list(args)}
+
+
+def _check_bounds(args: Any, log: bool) -> str | None:
+    ok = (isinstance(args, list) and len(args) == 2 and all(_is_number(a) for a in args)
+          and (args[0] > 0 or not log) and args[0] < args[1])
+    if ok:
+        return None
+    return "expected [low, high] with 0 < low < high" if log else "expected [low, high] with low < high"
+
+
+def _check_int(args: Any) -> str | None:
+    ok = (isinstance(args, list) and len(args) in (2, 3) and all(_is_int(a) for a in args)
+          and args[0] < args[1] and (len(args) == 2 or args[2] >= 1))
+    return None if ok else "expected [low, high] or [low, high, step] integers with low < high and step >= 1"
+
+
+def _check_choice(args: Any) -> str | None:
+    if not isinstance(args, list) or not args:
+        return "expected a non-empty list of values"
+    for i, a in enumerate(args):
+        if not (a is None or isinstance(a, (str, int, float, bool))):
+            return f"choices must be strings, numbers, booleans or null (Optuna's categorical), got {a!r}"
+        if a in args[:i]:
+            return f"lists {a!r} twice"
+    return None
+
+
+_DIST_CHECKS = {
+    "uniform": lambda a: _check_bounds(a, log=False),
+    "loguniform": lambda a: _check_bounds(a, log=True),
+    "int": _check_int,
+    "choice": _check_choice,
+}
+
+_ASHA_DEFAULTS = {"type": "asha", "grace_period": 1, "reduction_factor": 2, "brackets": 1}
+
+
+def _scheduler(section: Any, path: str, base: TrialConfig) -> dict | None:
+    """ASHA with every key filled in; the time unit is one evaluation (``train.eval_every`` iterations)."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(path, "search.scheduler", f"expected a mapping like {{type: asha}}, got {section!r}")
+    evaluations = math.ceil(base.train.iterations / base.train.eval_every)
+    s = {**_ASHA_DEFAULTS, "max_t": evaluations, **section}
+    for key in s:
+        if key not in (*_ASHA_DEFAULTS, "max_t"):
+            raise ConfigError(path, f"search.scheduler.{key}",
+                              f"unknown key (expected one of: {', '.join([*_ASHA_DEFAULTS, 'max_t'])})")
+    _choice(s["type"], SCHEDULER_TYPES, "search.scheduler.type", path)
+    for key in ("grace_period", "max_t", "brackets"):
+        if not (_is_int(s[key]) and s[key] >= 1):
+            raise ConfigError(path, f"search.scheduler.{key}", f"expected an integer >= 1, got {s[key]!r}")
+    if not (_is_number(s["reduction_factor"]) and s["reduction_factor"] > 1):
+        raise ConfigError(path, "search.scheduler.reduction_factor",
+                          f"expected a number > 1, got {s['reduction_factor']!r}")
+    if s["grace_period"] > s["max_t"]:
+        raise ConfigError(path, "search.scheduler.grace_period",
+                          f"{s['grace_period']} is more than max_t = {s['max_t']} evaluations")
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# keys and cells
+
+
+def field_type(key: str) -> Any:
+    """The annotation of a dotted TrialConfig key (a dataclass for a section, ``Mapping`` for ``method.terms``).
+
+    ``method.terms.<t>.<field>`` resolves through the term registry, so any registered term is a valid key even if
+    the base method does not use it (an ablation may add a term). Raises ConfigError(None, key, ...) otherwise.
+    """
+    from sslray.methods import TERMS  # late: the registry imports torch
+
+    parts, t, i = key.split("."), TrialConfig, 0
+    while i < len(parts):
+        where = ".".join(parts[:i])
+        if not dataclasses.is_dataclass(t):
+            raise ConfigError(None, key, f"{where} is a value, not a section")
+        if t is MethodConfig and parts[i] == "terms" and i + 1 < len(parts):
+            if parts[i + 1] not in TERMS:
+                raise ConfigError(None, key, f"unknown loss term {parts[i + 1]!r} (known: {', '.join(TERMS)})")
+            t, i = TERMS[parts[i + 1]].config_cls, i + 2
+            continue
+        names = [f.name for f in dataclasses.fields(t)]
+        if parts[i] not in names:
+            raise ConfigError(None, key, f"unknown config key ({where or 'the top level'} has: {', '.join(names)})")
+        t, i = typing.get_type_hints(t)[parts[i]], i + 1
+    return t
+
+
+def _check_key(key: str, path: str, prefix: str, where: str | None = None) -> Any:
+    """field_type(key), with errors at ``<prefix>.<key>`` (or ``where``) in ``path``."""
+    try:
+        return field_type(key)
+    except ConfigError as e:
+        loc = where or (f"{prefix}.{key}" if prefix else key)
+        raise ConfigError(path, loc, e.message) from None
+
+
+def _build(base_dict: Mapping, sets: Mapping[str, Any], path: str, prefix: str,
+           relocate_all: bool = False) -> TrialConfig:
+    """TrialConfig of ``base_dict`` with dotted ``sets`` applied, plus the checks the config cannot make alone.
+
+    An error at a key that ``sets`` touched is reported at ``<prefix>.<key>``; an error elsewhere (a combination
+    that breaks another key) at the first set key, naming both. With ``relocate_all`` every error goes to
+    ``<prefix>.<key>`` (validating the base itself), or to ``prefix`` when ``sets`` is a single key.
+    """
+    d = copy.deepcopy(dict(base_dict))
+    try:
+        for k, v in sets.items():
+            set_dotted(d, k, v)
+        cfg = TrialConfig.from_dict(d, source=path)
+        _check_semantics(cfg)
+        return cfg
+    except ConfigError as e:
+        raise _relocate(e, sets, path, prefix, relocate_all) from None
+
+
+def _relocate(e: ConfigError, sets: Mapping[str, Any], path: str, prefix: str, relocate_all: bool) -> ConfigError:
+    user_keys = [k for k in sets if k != "seed"]
+    if relocate_all:
+        loc = prefix if len(user_keys) == 1 else f"{prefix}.{e.key}" if prefix else e.key
+        return ConfigError(path, loc, e.message)
+    for k in user_keys:
+        if e.key == k or e.key.startswith((k + ".", k + "[")):
+            return ConfigError(path, f"{prefix}.{e.key}" if prefix else e.key, e.message)
+    if not user_keys:
+        return ConfigError(path, f"{prefix}.{e.key}" if prefix else e.key, e.message)
+    first = user_keys[0]
+    what = ", ".join(f"{k}={sets[k]!r}" for k in user_keys)
+    return ConfigError(path, f"{prefix}.{first}" if prefix else first, f"with {what}: {e.key}: {e.message}")
+
+
+def _check_semantics(cfg: TrialConfig) -> None:
+    """Checks that need more than one field: the dataset exists and the partition fits its pool."""
+    from sslray.data.datasets import DATASETS, list_datasets
+    from sslray.data.splits import parse_partition_spec
+
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(None, "data.dataset",
+                          f"unknown dataset {cfg.data.dataset!r} (known: {', '.join(list_datasets())})")
+    if cfg.data.dataset == "synthetic":  # real datasets: the pool size is only known with the files on disk
+        try:
+            parse_partition_spec(cfg.data.partition, cfg.data.synthetic.num_train)
+        except ValueError as e:
+            raise ConfigError(None, "data.partition", str(e)) from None
+
+
+def unwrap_optional(t: Any) -> Any:
+    """``float | None`` -> ``float``; anything else unchanged."""
+    if typing.get_origin(t) not in (typing.Union, types.UnionType):
+        return t
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if len(args) == 1 else t
+
+
+def _is_section(t: Any) -> bool:
+    return dataclasses.is_dataclass(t) or typing.get_origin(t) in (collections.abc.Mapping, dict)
+
+
+def _type_word(t: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, "not a number")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
