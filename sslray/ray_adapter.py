@@ -37,6 +37,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banner or status tables; we print our own
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
@@ -191,12 +192,11 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     resume_from = "auto"
     ck = ray.train.get_checkpoint()  # after a worker failure: the last reported checkpoint
     if ck is not None:
-        with ck.as_directory() as d:
-            local = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), "restored")
-            if ctx.get_world_rank() == 0 or not os.path.exists(local):
-                import shutil
+        import shutil
 
-                shutil.copytree(d, local, dirs_exist_ok=True)
+        with ck.as_directory() as d:  # a copy per rank: no rank reads another's half-copied files
+            local = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), f"restored-rank{ctx.get_world_rank()}")
+            shutil.copytree(d, local, dirs_exist_ok=True)
             resume_from = local
     status, metrics, reason = _fit_with(spec, cfg, runtime, reporter, resume_from)
     if ctx.get_world_rank() != 0:
@@ -222,16 +222,22 @@ def _load_study_for_search(spec: dict) -> Study:
 # the study driver (the ``sslray run`` process)
 
 
-def _init_ray(address: str | None, storage: str, num_cpus: int | None) -> None:
+def _init_ray(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
+    """Connect to a cluster, or start a local instance whose head carries the driver resource.
+
+    The dashboard hosts the State API that Train V2's placement-group cleaner polls; without it a trial stopped
+    by Tune (ASHA) leaks its workers' placement group and later trials wait forever (ray#54305). It costs a few
+    seconds at start, so it is started when trials have Train worker groups or a scheduler may stop them.
+    """
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
         return
-    cpus = num_cpus or os.cpu_count() or 1
-    ray.init(num_cpus=cpus, resources={DRIVER_RESOURCE: 1000}, include_dashboard=True,
-             runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # Local workers import sslray from wherever this process did (also from a checkout that is not installed).
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, resources={DRIVER_RESOURCE: 1000},
+             include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
 
 
 def trial_resources(study: Study) -> dict[str, float]:
@@ -276,6 +282,14 @@ class _Progress(ray.tune.Callback):
         self.total, self.labels, self.metric, self.done = total, labels, metric, 0
         self.t0 = time.time()
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "sslray_status" in result or self.metric not in result:
+            return  # the final return value, printed by on_trial_complete
+        label = self.labels.get(trial.config.get("sslray", {}).get("trial_id", ""), trial.trial_id)
+        it = result.get("iteration", "?")
+        print(f"      {label}: iteration {it}  loss {result.get('train/loss', float('nan')):.3f}  "
+              f"{self.metric} {result[self.metric]:.2f}", flush=True)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         r = trial.last_result or {}
@@ -309,7 +323,11 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
               overrides: tuple[str, ...] = (), verbose: bool = True) -> RunSummary:
     """Run every missing trial of ``study`` on Ray and store one Parquet row per trial."""
     t0 = time.time()
-    storage = os.path.abspath(storage or study.storage)
+    storage = storage or study.storage
+    if "://" in storage:
+        raise ConfigError(study.path, "storage", f"{storage}: object-store URIs are not supported yet; use a path "
+                                                 "that every node sees (local disk on one machine, NFS/EFS on a cluster)")
+    storage = os.path.abspath(storage)
     os.makedirs(storage, exist_ok=True)
     _check_writable(storage, study.path)
     todo, skipped = plan(study, storage, retry_failed)
@@ -318,7 +336,7 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
         if verbose:
             print(f"sslray run: all {len(skipped)} trials of {study.name} are already in {storage}")
         return RunSummary(len(skipped), len(skipped), 0, 0, 0, time.time() - t0)
-    _init_ray(address, storage, num_cpus)
+    _init_ray(address, num_cpus, dashboard=study.resources.workers > 1 or bool(search and study.search.scheduler))
     cluster = ray.cluster_resources()
     check_fits(study, cluster, study.path)
     n = study.search.num_samples if search else len(todo)
@@ -335,8 +353,8 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     if search:
         param_space, tune_cfg = _search_setup(study, base_spec, concurrent)
     else:
-        specs = [{**base_spec, "config": p.config.to_dict(), "cell": {**p.point, "seed": p.seed}, "seed": p.seed}
-                 for p in todo]
+        specs = [{**base_spec, "config": p.config.to_dict(), "cell": {**p.point, "seed": p.seed}, "seed": p.seed,
+                  "trial_id": p.trial_id} for p in todo]
         param_space = {"sslray": ray.tune.grid_search(specs)}
         tune_cfg = ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True)
     if verbose:

@@ -295,6 +295,10 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
                 reporter(dict(metrics), checkpoint)
     if bar is not None:
         bar.close()
+    if start >= total:  # resumed from the final checkpoint (a crash after training, before results were stored)
+        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else model
+        metrics = {**history[-1], **evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size,
+                                              device, data.class_names, data.ignore_index, rank, world, amp_dtype)}
     metrics["time/wall_s"] = time.perf_counter() - t_start
     metrics["resumed_from"] = start  # 0 for a fresh run; the iteration a resumed run continued from
     metrics["history"] = history

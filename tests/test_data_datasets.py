@@ -40,7 +40,7 @@ def test_synthetic_source():
 
 def test_build_data(data, tmp_path):
     assert len(data.labeled) == 8 and len(data.unlabeled) == 32 and len(data.val) == 4
-    assert data.crop_size == 64 and data.eval_mode == "original" and data.num_classes == 4
+    assert data.crop_size == 64 and data.eval_mode == "original" and data.num_classes == 3
     on_disk = build_data(SMALL, workdir=str(tmp_path))
     assert on_disk.split_sha256 == data.split_sha256 == data.partition.sha256()
     for name in ("labeled", "unlabeled"):

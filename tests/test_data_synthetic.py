@@ -9,7 +9,7 @@ from sslray.data.synthetic import CLASS_NAMES, NUM_CLASSES, PALETTE, SynthParams
 
 
 def test_constants():
-    assert NUM_CLASSES == len(CLASS_NAMES) == len(PALETTE) == 4
+    assert NUM_CLASSES == len(CLASS_NAMES) == len(PALETTE) == 3
     assert CLASS_NAMES[0] == "background"
 
 
@@ -38,8 +38,10 @@ def test_all_classes_and_boundaries_occur():
     for i in range(30):
         counts += np.bincount(make_sample(0, i)[1].ravel(), minlength=256)
     assert all(counts[c] > 0 for c in range(NUM_CLASSES)) and counts[255] > 0
-    # Background dominates (mIoU, not accuracy, is the meaningful metric) but objects are not negligible.
-    assert 0.5 < counts[0] / counts.sum() < 0.95
+    # Background is the largest class but objects cover over half the image: with background at 80 % of the
+    # pixels, self-training on 16-32 labels collapsed onto it (see the module docstring).
+    assert 0.3 < counts[0] / counts.sum() < 0.6
+    assert all(counts[c] / counts.sum() > 0.15 for c in range(1, NUM_CLASSES))
 
 
 def test_params_are_used():

@@ -1,0 +1,92 @@
+"""What Ray costs per trial: the same N trials through ``sslray run`` (local Ray) and ``sslray train`` (no Ray).
+
+Prints JSON with the wall time of both, their ratio, and Ray's fixed cost per trial: everything ``sslray run``
+spends outside the trial's own training (Ray start, scheduling, actor start, reporting, storing), divided by
+N. Both sides run one trial at a time with one torch thread, so the difference is Ray's and nothing else.
+Targets: fixed cost <= 5 s per trial; ratio <= 1.15 for trials of about two minutes.
+
+    python benchmarks/ray_overhead.py                          # 3 FixMatch trials of ~2 min (1000 iterations)
+    python benchmarks/ray_overhead.py --iterations 50 --n 4    # quick: small trials show the fixed cost best
+    python benchmarks/ray_overhead.py --workers 2              # the Ray Train (TorchTrainer, DDP) path
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def study_dict(name: str, storage: str, n: int, iterations: int, workers: int) -> dict:
+    base = yaml.safe_load((ROOT / "configs" / "synthetic_fixmatch.yaml").read_text())
+    base.pop("name", None)
+    base.pop("seed", None)
+    base["train"] = {"iterations": iterations, "eval_every": max(1, iterations // 4)}
+    base["run"] = {"threads": 1}
+    return {"name": name, "base": base, "seeds": list(range(n)), "storage": storage,
+            "resources": {"workers": workers, "cpus_per_worker": 1}}
+
+
+def run_without_ray(study: dict, tmp: Path) -> tuple[float, list[float]]:
+    """Each trial as its own ``sslray train`` process, one after another (what a user would script)."""
+    cfg = tmp / "trial.yaml"
+    cfg.write_text(yaml.safe_dump(study["base"]))
+    walls = []
+    t0 = time.perf_counter()
+    for seed in study["seeds"]:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sslray", "train", str(cfg), "--set", f"seed={seed}", "--out",
+                        str(tmp / f"plain-{seed}"), "--quiet"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+        walls.append(time.perf_counter() - t)
+    return time.perf_counter() - t0, walls
+
+
+def run_with_ray(study: dict, tmp: Path, num_cpus: int) -> tuple[float, list[float]]:
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sslray", "run", str(path), "--num-cpus", str(num_cpus)], cwd=ROOT,
+                   env=ENV, check=True, capture_output=True)
+    total = time.perf_counter() - t0
+    import pandas as pd
+
+    df = pd.read_parquet(Path(study["storage"]) / "results")
+    return total, [float(w) for w in df["wall_s"]]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=3, help="number of trials")
+    p.add_argument("--iterations", type=int, default=1000, help="iterations per trial (1000: about 2 min here)")
+    p.add_argument("--workers", type=int, default=1, help="Train workers per trial (2: the TorchTrainer path)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        study = study_dict("overhead", str(tmp / "store"), args.n, args.iterations, args.workers)
+        plain_total, plain_walls = run_without_ray(study, tmp)
+        ray_total, in_trial = run_with_ray(study, tmp, num_cpus=args.workers)
+    # in_trial: what each trial spent in the trial function (data, training, evaluation, storing its row)
+    fixed = (ray_total - sum(in_trial)) / args.n
+    result = {
+        "benchmark": "ray_overhead", "trials": args.n, "iterations": args.iterations, "workers": args.workers,
+        "plain_total_s": plain_total, "plain_trial_s": plain_walls,
+        "ray_total_s": ray_total, "ray_in_trial_s": in_trial,
+        "ratio": ray_total / plain_total,
+        "ray_fixed_cost_per_trial_s": fixed,
+        "targets": {"ray_fixed_cost_per_trial_s": 5.0, "ratio_for_2min_trials": 1.15},
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
