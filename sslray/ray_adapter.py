@@ -88,7 +88,7 @@ def _finish(spec: dict, cfg: TrialConfig, status: str, metrics: dict | None, rea
     res = spec["resources"]
     wall = time.time() - t0
     row_extra = {"gpus": res["workers"] * res["gpus_per_worker"], "cpus": res["workers"] * res["cpus_per_worker"],
-                 "rerun": spec["rerun"], "world_size": res["workers"], **(extra or {})}
+                 "rerun": spec["rerun"], "world_size": res["workers"], "started_at": t0, **(extra or {})}
     split = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), "splits")
     if os.path.isdir(split):
         from sslray.data.splits import file_sha256
@@ -236,8 +236,10 @@ def _init_ray(address: str | None, num_cpus: int | None, dashboard: bool) -> Non
         return
     # Local workers import sslray from wherever this process did (also from a checkout that is not installed).
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    # log_to_driver=False: progress comes from Tune callbacks and failures from the result rows; forwarding
+    # worker output only adds Ray's SystemExit tracebacks when Tune ends reused trial actors (ray.md §1.4).
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, resources={DRIVER_RESOURCE: 1000},
-             include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
+             include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=False, logging_level="WARNING")
 
 
 def trial_resources(study: Study) -> dict[str, float]:
@@ -370,6 +372,8 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
             callbacks=[_Progress(n, labels, metric)] if verbose else []))
     grid = tuner.fit()
     _store_errored(grid, study, storage, base_spec)
+    if search:
+        _store_stopped(grid, study, storage)
     store = ResultsStore(storage)
     ids = {p.trial_id for p in todo}
     ok_ids, failed_ids = store.ids("ok"), store.ids("failed")
@@ -395,6 +399,26 @@ def _store_errored(grid, study: Study, storage: str, base_spec: dict) -> None:
             continue
         reason = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300] if str(r.error) else ''}"
         _finish({**spec, "rerun": ""}, cfg, "failed", None, reason, time.time())
+
+
+_METRIC_PREFIXES = ("train/", "val/", "best/", "time/", "mem/")
+
+
+def _store_stopped(grid, study: Study, storage: str) -> None:
+    """Search trials that a scheduler stopped early never return: store their last report as ``stopped``."""
+    store = ResultsStore(storage)
+    for r in grid:
+        m = r.metrics or {}
+        if r.error is not None or "sslray_status" in m or "params" not in (r.config or {}):
+            continue
+        spec = r.config["sslray"]
+        cfg = study.trial_from_params(r.config["params"], spec["seed"])
+        if store.has(cfg.trial_id()):
+            continue
+        kept = {k: v for k, v in m.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}
+        reason = f"stopped by the scheduler after {m.get('iteration', '?')} iterations"
+        _finish({**spec, "cell": {**r.config["params"], "seed": spec["seed"]}, "rerun": ""}, cfg, "stopped",
+                kept, reason, time.time())
 
 
 def _search_setup(study: Study, base_spec: dict, concurrent: int):

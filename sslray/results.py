@@ -37,7 +37,7 @@ from sslray.config import TrialConfig, flatten
 
 REQUIRED = ("study", "trial_id", "status")
 HISTORY_REQUIRED = ("study", "trial_id")
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed", "stopped")  # stopped: ended early by a scheduler (ASHA)
 TRIAL_FILE = re.compile(r"[0-9a-f]{64}\.parquet")
 TMP_PREFIX = ".tmp"
 # Metric columns every row has (None when not reported), plus train/loss/<term> for every registered term and

@@ -12,14 +12,6 @@ from sslray.evaluate import ConfusionMatrix, evaluate, predict, window_starts
 from sslray.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall when the 2 shared cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Pointwise(nn.Module):
     """A per-pixel model (1x1 conv): its prediction at a pixel cannot depend on the window around it."""

@@ -126,3 +126,29 @@ def test_optuna_search_samples_the_declared_space(tmp_path):
     assert set(df["cfg.method.conf_thresh"]) <= {0.5, 0.9}
     cells = [json.loads(c) for c in df["cell"]]
     assert all("optim.lr" in c for c in cells)
+
+
+def test_asha_search_stops_trials_and_keeps_rows(tmp_path):
+    import ray
+
+    from sslray import ray_adapter
+
+    study = {"name": "asha", "base": {**TINY_BASE, "method": {"name": "supervised"},
+                                      "train": {"iterations": 8, "eval_every": 1}},
+             "search": {"sampler": "random", "num_samples": 4, "metric": "val/miou", "mode": "max", "seed": 0,
+                        "space": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-1]}},
+                        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
+             "storage": str(tmp_path / "store")}
+    s = load_study(write_study(tmp_path, study))
+    try:
+        summary = ray_adapter.run_study(s, num_cpus=2, verbose=False)
+    finally:
+        ray.shutdown()
+    df = ResultsStore(str(tmp_path / "store")).load()
+    # Every sampled trial has a row: finished ones ran all 8 iterations, ASHA-stopped ones say so.
+    assert summary.ran >= 1 and len(df) == 4 and df["trial_id"].is_unique
+    assert set(df["status"]) <= {"ok", "stopped"} and "stopped" in set(df["status"])
+    assert (df.loc[df["status"] == "ok", "iteration"] == 8).all()
+    stopped = df[df["status"] == "stopped"]
+    assert (stopped["iteration"] < 8).any()  # ASHA cut at least one trial at an early rung
+    assert stopped["reason"].str.contains("stopped by the scheduler").all()

@@ -47,7 +47,7 @@ def test_quickstart_plan():
     trials = study.trials()
     assert [(t.point["method.name"], t.seed) for t in trials] == [
         ("supervised", 0), ("fixmatch", 0), ("unimatch", 0), ("supervised", 1), ("fixmatch", 1), ("unimatch", 1)]
-    assert {t.config.data.partition for t in trials} == {"16"}
+    assert {t.config.data.partition for t in trials} == {"32"}
     assert study.report.baseline == "supervised" and study.storage == "runs/quickstart"
 
 

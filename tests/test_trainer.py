@@ -29,12 +29,6 @@ def tiny(**dotted) -> TrialConfig:
     return TrialConfig.from_dict(TINY).replace(**dotted)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 def run(cfg, tmp_path, name="run", **kw):
     reports = []
