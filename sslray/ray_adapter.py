@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Set before Ray starts: the controller polls workers at this interval, which paces every report and the
@@ -62,7 +62,6 @@ class RunSummary:
     ok: int
     failed: int
     wall_s: float
-    failures: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +99,20 @@ def _finish(spec: dict, cfg: TrialConfig, status: str, metrics: dict | None, rea
     return row
 
 
+def _write_trial_config(storage: str, cfg: TrialConfig) -> str:
+    """Store the resolved config beside the trial's checkpoints; returns the command that reruns it alone."""
+    import yaml
+
+    d = _trial_dir(storage, cfg.trial_id())
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "config.yaml")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+    return f"sslray train {path} --out {d} --resume"
+
+
 def _fit_with(spec: dict, cfg: TrialConfig, runtime, reporter, resume_from) -> tuple[str, dict | None, str | None]:
     from sslray.methods import NonFiniteLossError
     from sslray.trainer import fit
@@ -123,7 +136,7 @@ def trial_driver(config: dict) -> dict:
         spec["cell"] = {**config["params"], "seed": spec["seed"]}
     else:
         cfg = TrialConfig.from_dict(spec["config"], source=f"study {spec['study']}")
-    spec["rerun"] = f"sslray train <config> # trial {cfg.short_id()}"
+    spec["rerun"] = _write_trial_config(spec["storage"], cfg)
     t0 = time.time()
     if spec["resources"]["workers"] == 1:
         status, metrics, reason = _fit_in_actor(spec, cfg)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from sslray.config import TrialConfig
 from sslray.results import ResultsStore
 from sslray.study import load_study
 
@@ -54,6 +55,10 @@ def test_smoke_end_to_end_then_rerun_skips(tmp_path):
         assert col in df.columns, col
     planned = {p.trial_id for p in load_study(str(ROOT / "studies/smoke.yaml")).trials()}
     assert set(df["trial_id"]) == planned
+    for _, row in df.iterrows():  # the stored rerun command names a config that is the same trial
+        cmd = row["rerun"].split()
+        assert cmd[:2] == ["sslray", "train"]
+        assert TrialConfig.from_yaml(cmd[2]).trial_id() == row["trial_id"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in (storage / "results").iterdir()}
 
     again = sslray("run", "studies/smoke.yaml", "--storage", str(storage)).stdout
