@@ -27,7 +27,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sslray",
-        description="Semi-supervised semantic segmentation studies: train one trial, validate configs.",
+        description="Semi-supervised semantic segmentation studies: run grids, ablations and Optuna searches on "
+                    "Ray, train single trials, and print paper-style comparison tables.",
         epilog="Run 'sslray COMMAND --help' for a command's options. Docs: README.md.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
