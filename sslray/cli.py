@@ -248,7 +248,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sslray import ray_adapter
 
     try:
-        summary = ray_adapter.run_study(study, address=args.address, storage=storage, resume=args.resume,
+        # --resume needs nothing extra: stored trials are skipped and unfinished ones find their checkpoints
+        summary = ray_adapter.run_study(study, address=args.address, storage=storage,
                                         retry_failed=args.retry_failed, num_cpus=args.num_cpus,
                                         max_failures=args.max_failures, overrides=tuple(args.overrides))
     finally:

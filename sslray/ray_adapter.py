@@ -142,7 +142,8 @@ def trial_driver(config: dict) -> dict:
         status, metrics, reason = _fit_in_actor(spec, cfg)
     else:
         status, metrics, reason = _fit_on_workers(spec, cfg)
-    _finish(spec, cfg, status, metrics, reason, t0, extra=(metrics or {}).pop("_extra", None))
+    extra = metrics.pop("_extra", None) if metrics else None  # node placement, from the Train workers
+    _finish(spec, cfg, status, metrics, reason, t0, extra=extra)
     final = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and k != "history"}
     return {**final, "sslray_status": status, "sslray_trial_id": cfg.trial_id()}
 
@@ -333,7 +334,7 @@ def plan(study: Study, storage: str, retry_failed: bool = False) -> tuple[list[P
     return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]
 
 
-def run_study(study: Study, address: str | None = None, storage: str | None = None, resume: bool = False,
+def run_study(study: Study, address: str | None = None, storage: str | None = None,
               retry_failed: bool = False, num_cpus: int | None = None, max_failures: int = 2,
               overrides: tuple[str, ...] = (), verbose: bool = True) -> RunSummary:
     """Run every missing trial of ``study`` on Ray and store one Parquet row per trial."""
@@ -384,7 +385,7 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
             failure_config=ray.tune.FailureConfig(max_failures=max_failures),
             callbacks=[_Progress(n, labels, metric)] if verbose else []))
     grid = tuner.fit()
-    _store_errored(grid, study, storage, base_spec)
+    _store_errored(grid, storage)
     if search:
         _store_stopped(grid, study, storage)
     store = ResultsStore(storage)
@@ -398,7 +399,7 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
 
 
-def _store_errored(grid, study: Study, storage: str, base_spec: dict) -> None:
+def _store_errored(grid, storage: str) -> None:
     """Trials that crashed past their retries (Tune marks them errored) still get a failed row."""
     store = ResultsStore(storage)
     for r in grid:

@@ -227,6 +227,11 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
                                      world, cfg.run.num_workers)
     streams = [iter(loader_x), iter(loader_u) if loader_u else None, iter(loader_mix) if loader_mix else None]
 
+    def validate() -> dict[str, Any]:
+        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else model
+        return evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, device,
+                        data.class_names, data.ignore_index, rank, world, amp_dtype)
+
     meter, bar = _Meter(), _progress(cfg, runtime, start)
     images_per_step = cfg.data.batch_size_x + (cfg.data.batch_size_u if needs_u else 0)
     metrics: dict[str, Any] = {}
@@ -268,9 +273,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
             t_log, steps_since_log = now, 0
 
         if (it + 1) % cfg.train.eval_every == 0 or last:
-            eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else model
-            val = evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, device,
-                           data.class_names, data.ignore_index, rank, world, amp_dtype)
+            val = validate()
             model.train()
             metrics.update(val)
             if not best or val["val/miou"] > best.get("best/val/miou", -1):
@@ -296,9 +299,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     if bar is not None:
         bar.close()
     if start >= total:  # resumed from the final checkpoint (a crash after training, before results were stored)
-        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else model
-        metrics = {**history[-1], **evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size,
-                                              device, data.class_names, data.ignore_index, rank, world, amp_dtype)}
+        metrics = {**history[-1], **validate()}
     metrics["time/wall_s"] = time.perf_counter() - t_start
     metrics["resumed_from"] = start  # 0 for a fresh run; the iteration a resumed run continued from
     metrics["history"] = history

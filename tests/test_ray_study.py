@@ -42,6 +42,18 @@ def write_study(tmp_path, d, name="study.yaml") -> str:
     return str(p)
 
 
+def run_in_process(tmp_path, study: dict):
+    """run_study in this process on a fresh local Ray instance, shut down afterwards."""
+    import ray
+
+    from sslray import ray_adapter
+
+    try:
+        return ray_adapter.run_study(load_study(write_study(tmp_path, study)), num_cpus=2, verbose=False)
+    finally:
+        ray.shutdown()
+
+
 def test_smoke_end_to_end_then_rerun_skips(tmp_path):
     storage = tmp_path / "store"
     out = sslray("run", "studies/smoke.yaml", "--storage", str(storage), "--num-cpus", "2").stdout
@@ -110,20 +122,12 @@ def test_killed_driver_then_resume_runs_only_what_is_missing(tmp_path):
 
 
 def test_optuna_search_samples_the_declared_space(tmp_path):
-    import ray
-
-    from sslray import ray_adapter
-
     study = {"name": "search", "base": {**TINY_BASE, "method": {"name": "fixmatch"}},
              "search": {"sampler": "random", "num_samples": 3, "metric": "val/miou", "mode": "max", "seed": 1,
                         "space": {"optim.lr": {"loguniform": [1.0e-3, 1.0e-1]},
                                   "method.conf_thresh": {"choice": [0.5, 0.9]}}},
              "storage": str(tmp_path / "store")}
-    s = load_study(write_study(tmp_path, study))
-    try:
-        summary = ray_adapter.run_study(s, num_cpus=2, verbose=False)
-    finally:
-        ray.shutdown()
+    summary = run_in_process(tmp_path, study)
     assert summary.ran == 3 and summary.ok == 3
     df = ResultsStore(str(tmp_path / "store")).load()
     assert len(df) == 3 and df["trial_id"].is_unique
@@ -134,21 +138,13 @@ def test_optuna_search_samples_the_declared_space(tmp_path):
 
 
 def test_asha_search_stops_trials_and_keeps_rows(tmp_path):
-    import ray
-
-    from sslray import ray_adapter
-
     study = {"name": "asha", "base": {**TINY_BASE, "method": {"name": "supervised"},
                                       "train": {"iterations": 8, "eval_every": 1}},
              "search": {"sampler": "random", "num_samples": 4, "metric": "val/miou", "mode": "max", "seed": 0,
                         "space": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-1]}},
                         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
              "storage": str(tmp_path / "store")}
-    s = load_study(write_study(tmp_path, study))
-    try:
-        summary = ray_adapter.run_study(s, num_cpus=2, verbose=False)
-    finally:
-        ray.shutdown()
+    summary = run_in_process(tmp_path, study)
     df = ResultsStore(str(tmp_path / "store")).load()
     # Every sampled trial has a row: finished ones ran all 8 iterations, ASHA-stopped ones say so.
     assert summary.ran >= 1 and len(df) == 4 and df["trial_id"].is_unique
