@@ -432,12 +432,16 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
     if not isinstance(name, str):
         raise ConfigError(source, p + "name", f"expected a string, got {name!r}")
     merged: dict = {}
-    for part in name.split("+"):
+    for i, part in enumerate(name.split("+")):
         part = part.strip()
         if part not in METHOD_PRESETS:
             raise ConfigError(source, p + "name",
                               f"unknown method {part!r} (expected one of: {', '.join(METHOD_PRESETS)})")
-        merged = deep_merge(merged, METHOD_PRESETS[part])
+        preset = dict(METHOD_PRESETS[part])
+        base = preset.pop("base", None)  # an add-on's own base, used only when it comes first (standalone)
+        if base is not None and i == 0:
+            merged = deep_merge(merged, METHOD_PRESETS[base])
+        merged = deep_merge(merged, preset)
     merged = deep_merge(merged, {k: v for k, v in d.items() if k != "name"})
     terms_raw = merged.pop("terms", {}) or {}
     if not isinstance(terms_raw, Mapping):

@@ -116,15 +116,16 @@ class Decoder(nn.Module):
         self.fuse = nn.Sequential(conv_bn_relu(aspp_ch + low_ch, fuse_ch), conv_bn_relu(fuse_ch, fuse_ch))
         self.classifier = nn.Conv2d(fuse_ch, num_classes, 1, bias=True)
 
-    def features(self, c1: Tensor, c4: Tensor) -> Tensor:
-        """c1 [B, C1, h1, w1], c4 [B, C4, h4, w4] -> fused decoder feature [B, fuse_ch, h1, w1]."""
-        high = upsample(self.aspp(c4), c1.shape[-2:])
-        return self.fuse(torch.cat([self.reduce(c1), high], dim=1))
+    def forward(self, c1: Tensor, c4: Tensor) -> dict[str, Tensor]:
+        """Decode at c1 resolution; returns every intermediate a method head may need:
 
-    def forward(self, c1: Tensor, c4: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (features [B, fuse_ch, h1, w1], logits [B, K, h1, w1]) at c1 resolution."""
-        feat = self.features(c1, c4)
-        return feat, self.classifier(feat)
+        ``aspp`` [B, aspp_ch, h4, w4] (ASPP output, before upsampling), ``low`` [B, low_ch, h1, w1] (reduced
+        c1), ``features`` [B, fuse_ch, h1, w1] (fused, before the classifier), ``logits_low`` [B, K, h1, w1].
+        """
+        aspp = self.aspp(c4)
+        low = self.reduce(c1)
+        feat = self.fuse(torch.cat([low, upsample(aspp, c1.shape[-2:])], dim=1))
+        return {"aspp": aspp, "low": low, "features": feat, "logits_low": self.classifier(feat)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,18 +155,29 @@ class SegModel(nn.Module):
                 need_fp in train mode, where both agree).
 
         Returns:
-            ``logits`` [B, K, H, W] (bilinear, align_corners=True, to the input size), ``features``
-            [B, D, h1, w1] (the fused decoder feature before the classifier), ``c1`` and ``c4`` (encoder features);
-            with need_fp also ``logits_fp`` [B, K, H, W]. With need_fp, features/c1/c4 are the clean half.
+            ``logits`` [B, K, H, W] (bilinear, align_corners=True, to the input size), ``logits_low``
+            [B, K, h1, w1] (the same before upsampling), ``features`` [B, D, h1, w1] (the fused decoder
+            feature before the classifier), ``aspp`` [B, A, h4, w4], ``low`` [B, L, h1, w1] (reduced c1), ``c1``
+            and ``c4`` (encoder features); with need_fp also ``logits_fp`` [B, K, H, W]. With need_fp, every
+            other entry is the clean half.
         """
         size = x.shape[-2:]
         c1, c4 = self.encode(x)
         if not need_fp:
-            feat, logits = self.decoder(c1, c4)
-            return {"logits": upsample(logits, size), "features": feat, "c1": c1, "c4": c4}
-        feat, logits = self.decoder(torch.cat([c1, self.fp_dropout(c1)]), torch.cat([c4, self.fp_dropout(c4)]))
-        clean, fp = upsample(logits, size).chunk(2)
-        return {"logits": clean, "logits_fp": fp, "features": feat[: x.shape[0]], "c1": c1, "c4": c4}
+            out = self.decoder(c1, c4)
+            return {"logits": upsample(out["logits_low"], size), **out, "c1": c1, "c4": c4}
+        out = self.decoder(torch.cat([c1, self.fp_dropout(c1)]), torch.cat([c4, self.fp_dropout(c4)]))
+        clean, fp = upsample(out["logits_low"], size).chunk(2)
+        b = x.shape[0]
+        return {"logits": clean, "logits_fp": fp, **{k: v[:b] for k, v in out.items()}, "c1": c1, "c4": c4}
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        """Channel counts of the dict entries, for method heads: features, aspp, low, c1, c4, classes."""
+        d = self.decoder
+        return {"features": d.classifier.in_channels, "aspp": d.aspp.project[0].out_channels,
+                "low": d.reduce[0].out_channels, "c1": d.reduce[0].in_channels,
+                "c4": d.aspp.branches[0][0].in_channels, "classes": d.classifier.out_channels}
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone/encoder parameters, head = ASPP + decoder + classifier parameters); UniMatch gives the head

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -68,9 +68,28 @@ class StepOutputs:
     ignore_mask_mix: torch.Tensor | None = None
     cutmix_box1: torch.Tensor | None = None  # [Bu, H, W]
     cutmix_box2: torch.Tensor | None = None
-    model_out: dict[str, Any] = field(default_factory=dict)  # raw model dicts ("x_u_w", "u_s"), for heads
+    # raw model dicts, for method heads: student "x_u_w" (cat(x, u_w)) or "x", "u_s" (s1, s2 as computed);
+    # teacher "t_u_w" and "t_mix" (no grad). Use ``part()`` to slice one view out of them.
+    model_out: dict[str, Any] = field(default_factory=dict)
     iteration: int = 0
+    _parts: dict = field(default_factory=dict, repr=False)  # view -> (model_out key, start, stop)
     _mixed: dict = field(default_factory=dict, repr=False)
+
+    def part(self, view: str) -> dict[str, torch.Tensor] | None:
+        """The student's (or teacher's, for ``t_u_w``/``t_mix``) model dict for one view, sliced along the batch.
+
+        Views: ``x``, ``u_w`` (student, with grad), ``s1``, ``s2`` (student on the CutMixed strong views),
+        ``t_u_w``, ``t_mix`` (teacher, detached). None when this step did not compute that view.
+        """
+        if view in ("t_u_w", "t_mix"):
+            return self.model_out.get(view)
+        if view not in self._parts:
+            return None
+        key, start, stop = self._parts[view]
+        src = self.model_out[key]
+        if start == 0 and stop is None:
+            return src
+        return {k: v[start:stop] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in src.items()}
 
     def mixed_target(self, view: int, with_prob: bool = False) -> MixedTarget:
         """Teacher target for strong view ``view`` (1 or 2): plain where the box is 0, the mix partner's inside."""
@@ -149,12 +168,14 @@ class TeacherStudent:
     """
 
     def __init__(self, student: nn.Module, method_cfg: MethodConfig, needs: frozenset[str],
-                 student_module: nn.Module | None = None, amp_dtype: torch.dtype | None = None):
+                 student_module: nn.Module | None = None, amp_dtype: torch.dtype | None = None,
+                 refine_teacher: Callable[[dict], torch.Tensor | None] | None = None):
         self.student = student
         self.student_module = student_module or student
         self.cfg = method_cfg
         self.needs = needs
         self.amp_dtype = amp_dtype
+        self.refine_teacher = refine_teacher  # a method's override of the teacher's logits (MLLC), or None
         self.teacher = EMATeacher(self.student_module, method_cfg.teacher) if method_cfg.teacher.kind == "ema" else None
 
     def _autocast(self, device: torch.device):
@@ -163,16 +184,22 @@ class TeacherStudent:
         return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
 
     @torch.no_grad()
-    def _teacher_logits(self, img: torch.Tensor) -> torch.Tensor:
-        """Teacher prediction with no gradient: the EMA model, or the student itself in eval mode."""
+    def _teacher(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher model dict with no gradient: the EMA model, or the student itself in eval mode."""
         if self.teacher is not None:
-            return self.teacher.model(img)["logits"]
+            return self.teacher.model(img)
         was_training = self.student.training
         self.student.eval()
         try:
-            return self.student(img)["logits"]
+            return self.student(img)
         finally:
             self.student.train(was_training)
+
+    @torch.no_grad()
+    def _teacher_logits_of(self, model_out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's logits from its model dict: the method's refined ones when it has them."""
+        logits = self.refine_teacher(model_out) if self.refine_teacher is not None else None
+        return (model_out["logits"] if logits is None else logits).detach()
 
     def step(self, batch_x: dict, batch_u: dict | None = None, batch_mix: dict | None = None,
              iteration: int = 0) -> StepOutputs:
@@ -181,7 +208,8 @@ class TeacherStudent:
         if "u" not in self.needs:
             with self._autocast(device):
                 out_x = self.student(img_x)
-            return StepOutputs(pred_x=out_x["logits"], mask_x=mask_x, model_out={"x": out_x}, iteration=iteration)
+            return StepOutputs(pred_x=out_x["logits"], mask_x=mask_x, model_out={"x": out_x}, iteration=iteration,
+                               _parts={"x": ("x", 0, None)})
         return self._semi_step(img_x, mask_x, batch_u, batch_mix, iteration)
 
     def _semi_step(self, img_x, mask_x, batch_u, batch_mix, iteration) -> StepOutputs:
@@ -197,37 +225,43 @@ class TeacherStudent:
         with self._autocast(device):
             mixing = (need_s1 or need_s2) and self.cfg.mix_source == "batch"
             if mixing:
-                out.logits_u_w_mix_teacher = self._teacher_logits(batch_mix["img_u_w"])
+                out.model_out["t_mix"] = self._teacher(batch_mix["img_u_w"])
+                out.logits_u_w_mix_teacher = self._teacher_logits_of(out.model_out["t_mix"])
                 img_u_s1 = paste(img_u_s1, batch_mix["img_u_s1"], box1)
                 img_u_s2 = paste(img_u_s2, batch_mix["img_u_s2"], box2)
             elif need_s1 or need_s2:  # mix with the same batch rolled by one (UniMatch #34): no extra pass
                 img_u_s1 = paste(img_u_s1, img_u_s1.roll(1, 0), box1)
                 img_u_s2 = paste(img_u_s2, img_u_s2.roll(1, 0), box2)
 
-            # The student sees the weak view when it is its own teacher or when FP needs it.
-            if self.teacher is None or need_fp:
+            # The student sees the weak view when it is its own teacher or when FP or a term needs it.
+            if self.teacher is None or need_fp or "w" in self.needs:
                 out_xw = self.student(torch.cat((img_x, img_u_w)), need_fp=need_fp)
                 out.pred_x, out.pred_u_w = out_xw["logits"].split([bx, bu])
                 if need_fp:
                     out.pred_u_w_fp = out_xw["logits_fp"][bx:]
                 out.model_out["x_u_w"] = out_xw
+                out._parts.update(x=("x_u_w", 0, bx), u_w=("x_u_w", bx, None))
             else:
                 out_xw = self.student(img_x)
                 out.pred_x = out_xw["logits"]
                 out.model_out["x"] = out_xw
+                out._parts["x"] = ("x", 0, None)
             if self.teacher is None:
-                out.logits_u_w_teacher = out.pred_u_w.detach()
+                out.model_out["t_u_w"] = {k: v.detach() for k, v in out.part("u_w").items()}
             else:
-                out.logits_u_w_teacher = self._teacher_logits(img_u_w)
+                out.model_out["t_u_w"] = self._teacher(img_u_w)
+            out.logits_u_w_teacher = self._teacher_logits_of(out.model_out["t_u_w"])
 
             if need_s1 and need_s2:
                 out_s = self.student(torch.cat((img_u_s1, img_u_s2)))
                 out.pred_u_s1, out.pred_u_s2 = out_s["logits"].chunk(2)
                 out.model_out["u_s"] = out_s
+                out._parts.update(s1=("u_s", 0, bu), s2=("u_s", bu, None))
             elif need_s1 or need_s2:
                 out_s = self.student(img_u_s1 if need_s1 else img_u_s2)
                 setattr(out, "pred_u_s1" if need_s1 else "pred_u_s2", out_s["logits"])
                 out.model_out["u_s"] = out_s
+                out._parts["s1" if need_s1 else "s2"] = ("u_s", 0, None)
 
         out.conf_u_w, out.mask_u_w = confidence(out.logits_u_w_teacher)
         if need_s1 or need_s2:

@@ -185,8 +185,10 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     model = build_model(cfg.model, data.num_classes).to(device)
     if runtime.world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    method = build_method(cfg.method, data.num_classes, data.ignore_index)
+    method = build_method(cfg.method, data.num_classes, data.ignore_index, model.feature_dims, cfg.train.iterations)
+    method.modules.to(device)
     backbone, head = model.param_groups()
+    head = head + [p for p in method.modules.parameters() if p.requires_grad]  # method heads: head lr
     optimizer = torch.optim.SGD(
         [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult}],
         lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -195,7 +197,8 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
         ids = [device.index] if device.type == "cuda" else None
         student = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     amp_dtype = _amp_dtype(cfg.train.amp, device)
-    ts = TeacherStudent(student, cfg.method, method.needs, student_module=model, amp_dtype=amp_dtype)
+    ts = TeacherStudent(student, cfg.method, method.needs, student_module=model, amp_dtype=amp_dtype,
+                        refine_teacher=method.refine_teacher if method.refines_teacher else None)
     # Dropout (FP) differs per rank, like independent GPUs; the stream itself is part of the checkpoint.
     torch.manual_seed(cfg.seed * 1009 + runtime.rank + 1)
 
@@ -208,6 +211,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ts.load_state_dict(state["teacher_student"])
+        method.modules.load_state_dict(state["method"])
         start, best, history = state["iteration"], state["best"], state["history"]
         _set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)], device)
 
@@ -237,6 +241,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     metrics: dict[str, Any] = {}
     t_log, steps_since_log = time.perf_counter(), 0
     model.train()
+    method.modules.train()
     for it in range(start, total):
         batch_x, batch_u, batch_mix = (_to(next(s), device) if s is not None else None for s in streams)
         lr = poly_lr(cfg.optim.lr, it, total, cfg.optim.poly_power)
@@ -250,12 +255,14 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
             raise NonFiniteLossError(it, "total", float(losses["loss"]))
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        method.sync_grads()
         optimizer.step()
         ts.after_optimizer_step()
+        method.after_step(out)
 
         with torch.no_grad():
             meter.add({**{"train/" + k: v for k, v in losses.items()},
-                       **_step_diagnostics(out, cfg.method.conf_thresh, batch_u)})
+                       **_step_diagnostics(out, cfg.method.conf_thresh, batch_u), **method.diagnostics()})
         steps_since_log += 1
         if bar is not None:
             bar.update(1)
@@ -288,7 +295,8 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
                     checkpoint = save_checkpoint(ckpt_dir, {
                         "trial_id": cfg.trial_id(), "config": cfg.to_dict(), "iteration": it + 1,
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "teacher_student": ts.state_dict(), "best": best, "history": history, "rng": rng_all})
+                        "teacher_student": ts.state_dict(), "method": method.modules.state_dict(),
+                        "best": best, "history": history, "rng": rng_all})
                 if world > 1:
                     dist.barrier()
             if bar is not None:

@@ -1,0 +1,4 @@
+"""guidedmix: being written (issue 4). Registers nothing yet."""
+TERMS: dict = {}
+FAMILIES: dict = {}
+PRESETS: dict = {}

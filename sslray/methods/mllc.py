@@ -1,0 +1,4 @@
+"""mllc: being written (issue 4). Registers nothing yet."""
+TERMS: dict = {}
+FAMILIES: dict = {}
+PRESETS: dict = {}

@@ -1,0 +1,188 @@
+"""The machinery the founding methods plug into: views of one step, add-on presets, family modules
+(trained, checkpointed, resumed, DDP-synced) and the teacher-refinement hook."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from dataclasses import dataclass
+
+from sslray.config import TermConfig, TrialConfig
+from sslray.methods import FAMILIES, METHOD_PRESETS, TERMS, build_method
+from sslray.methods.base import Family, MethodModule, Term, all_gather_cat, all_reduce_sum
+from sslray.models import build_model
+from sslray.teacher_student import TeacherStudent
+from sslray.trainer import Runtime, fit
+
+from test_trainer import TINY, tiny
+
+
+def _batches(bx=2, bu=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch_x = {"img_x": torch.randn(bx, 3, size, size, generator=g),
+               "mask_x": torch.randint(0, 3, (bx, size, size), generator=g)}
+
+    def u():
+        return {"img_u_w": torch.randn(bu, 3, size, size, generator=g),
+                "img_u_s1": torch.randn(bu, 3, size, size, generator=g),
+                "img_u_s2": torch.randn(bu, 3, size, size, generator=g),
+                "ignore_mask_u": torch.zeros(bu, size, size, dtype=torch.long),
+                "cutmix_box1": (torch.rand(bu, size, size, generator=g) > 0.5).long(),
+                "cutmix_box2": (torch.rand(bu, size, size, generator=g) > 0.5).long()}
+    return batch_x, u(), u()
+
+
+def _step(method_name, **over):
+    cfg = TrialConfig.from_dict({"method": {"name": method_name, **over}, "model": {"width": 8}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    method = build_method(cfg.method, 3, 255, model.feature_dims)
+    ts = TeacherStudent(model, cfg.method, method.needs,
+                        refine_teacher=method.refine_teacher if method.refines_teacher else None)
+    return ts.step(*_batches(), iteration=0), model
+
+
+def test_parts_slice_each_view_of_the_shared_forward():
+    out, model = _step("unimatch")
+    x, u_w, s1, s2, t = out.part("x"), out.part("u_w"), out.part("s1"), out.part("s2"), out.part("t_u_w")
+    assert x["logits"].shape[0] == 2 and u_w["logits"].shape[0] == 3 and s1["features"].shape[0] == 3
+    assert torch.equal(x["logits"], out.pred_x) and torch.equal(u_w["logits"], out.pred_u_w)
+    assert torch.equal(s1["logits"], out.pred_u_s1) and torch.equal(s2["logits"], out.pred_u_s2)
+    assert u_w["features"].requires_grad and not t["features"].requires_grad
+    assert torch.equal(t["logits"], out.logits_u_w_teacher)
+    dims = model.feature_dims
+    assert x["features"].shape[1] == dims["features"] and x["aspp"].shape[1] == dims["aspp"]
+    assert x["low"].shape[1] == dims["low"] and x["logits_low"].shape[1] == dims["classes"] == 3
+    assert out.part("t_mix")["logits"].shape[0] == 3
+
+
+def test_supervised_step_has_only_the_labeled_view():
+    out, _ = _step("supervised")
+    assert out.part("x")["logits"] is out.pred_x and out.part("u_w") is None and out.part("t_u_w") is None
+
+
+def test_addon_preset_base_applies_only_when_standalone(monkeypatch):
+    monkeypatch.setitem(METHOD_PRESETS, "addon", {"base": "unimatch", "terms": {"u_mse": {"weight": 2.0}}})
+    alone = TrialConfig.from_dict({"method": {"name": "addon"}}).method
+    assert set(alone.terms) == {"x", "u_s1", "u_s2", "u_fp", "u_mse"} and alone.global_div == 2.0
+    composed = TrialConfig.from_dict({"method": {"name": "fixmatch+addon"}}).method
+    assert set(composed.terms) == {"x", "u_s1", "u_mse"} and composed.terms["u_mse"].weight == 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# a toy family: one trainable scale, one counter buffer, and a teacher override
+
+
+@dataclass(frozen=True)
+class ToyConfig(TermConfig):
+    shift: float = 0.0
+
+
+class ToyModule(MethodModule):
+    def __init__(self, terms, ctx):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(ctx.feature_dims["features"]))
+        self.register_buffer("seen", torch.zeros(ctx.num_classes, dtype=torch.float64))
+        self.refined = 0
+
+    def refine_teacher(self, model_out):
+        self.refined += 1
+        return model_out["logits"] * 2.0
+
+    @torch.no_grad()
+    def after_step(self, out):
+        counts = torch.bincount(out.mask_u_w.flatten(), minlength=self.seen.numel()).double()
+        self.seen += all_reduce_sum(counts)
+
+    def diagnostics(self):
+        return {"seen": self.seen.sum().float()}
+
+
+def toy_loss(out, cfg, ctx, module):
+    feat = out.part("u_w")["features"]  # [Bu, D, h, w]
+    return ((feat * module.scale[:, None, None]).mean() - cfg.shift) ** 2
+
+
+TOY = {"TERMS": ("toy", Term(toy_loss, ToyConfig, frozenset({"u", "w"}), "test term", family="toy")),
+       "FAMILIES": ("toy", Family(ToyModule, "test family")),
+       "METHOD_PRESETS": ("toy", {"base": "fixmatch", "terms": {"toy": {"weight": 1.0, "shift": 1.0}}})}
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    for registry, (key, value) in zip((TERMS, FAMILIES, METHOD_PRESETS), TOY.values()):
+        monkeypatch.setitem(registry, key, value)
+
+
+def test_family_module_refines_teacher_and_sees_views(toy):
+    out, _ = _step("toy")
+    torch.testing.assert_close(out.logits_u_w_teacher, out.part("t_u_w")["logits"] * 2.0)
+    assert out.conf_u_w.shape == out.mask_u_w.shape
+
+
+def test_family_module_trains_checkpoints_and_resumes(toy, tmp_path):
+    cfg = tiny(**{"method.name": "toy", "method.conf_thresh": 0.5, "train.iterations": 6, "train.eval_every": 3})
+    reports = []
+    full = fit(cfg, Runtime(), lambda m, c: reports.append(m), out_dir=str(tmp_path / "full"))
+    state = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)["method"]
+    assert not torch.equal(state["toy.scale"], torch.ones_like(state["toy.scale"]))  # trained (head lr)
+    pixels_per_step = cfg.data.batch_size_u * cfg.data.crop_size ** 2
+    assert float(state["toy.seen"].sum()) == 6 * pixels_per_step
+    assert "train/toy/seen" in reports[-1] and "train/loss/toy" in reports[-1]
+
+    class Crash(Exception):
+        pass
+
+    def crash(metrics, ckpt):
+        if metrics["iteration"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, Runtime(), crash, out_dir=str(tmp_path / "cut"))
+    resumed = fit(cfg, Runtime(), None, out_dir=str(tmp_path / "cut"), resume_from="auto")
+    cut = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)["method"]
+    for k in state:
+        torch.testing.assert_close(cut[k], state[k], rtol=0, atol=0)
+    assert resumed["val/confusion"] == full["val/confusion"]
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP: gradients of family modules are averaged, gathered tensors and sums agree on every rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for registry, (key, value) in zip((TERMS, FAMILIES, METHOD_PRESETS), TOY.values()):
+        registry[key] = value  # a fresh process: register the toy family again
+    try:
+        cfg = TrialConfig.from_dict({**TINY, "method": {"name": "toy"}})
+        method = build_method(cfg.method, 3, 255, {"features": 4})
+        p = method.modules["toy"].scale
+        p.grad = torch.full_like(p, float(rank + 1))  # rank 0: 1, rank 1: 2 -> mean 1.5
+        method.sync_grads()
+        gathered = all_gather_cat(torch.arange(rank + 1, dtype=torch.float32))  # sizes 1 and 2
+        total = all_reduce_sum(torch.tensor([float(rank + 1)]))
+        torch.save({"grad": p.grad, "gathered": gathered, "total": total}, os.path.join(result_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_family_grads_and_stats_identical_across_ranks(toy, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    for r in (r0, r1):
+        torch.testing.assert_close(r["grad"], torch.full((4,), 1.5))
+        torch.testing.assert_close(r["gathered"], torch.tensor([0.0, 0.0, 1.0]))
+        torch.testing.assert_close(r["total"], torch.tensor([3.0]))
