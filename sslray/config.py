@@ -113,6 +113,10 @@ class TermConfig:
 
     weight: float = 1.0
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Invalid settings as (setting, what was expected); subclasses check ranges the generic rules miss."""
+        return []
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -478,7 +482,7 @@ _CHOICES = {
 }
 _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dropout", "conf_thresh", "ema_alpha"}
 _POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
-             "log_every", "global_div", "crop_size"}
+             "log_every", "global_div", "crop_size", "temperature", "max_nodes"}
 _NON_NEGATIVE = {"seed", "split_seed", "lr", "head_lr_mult", "momentum", "weight_decay", "poly_power",
                  "num_workers", "threads"}
 
@@ -499,6 +503,9 @@ def _check(obj: Any, path: str, source: str | None) -> None:
             raise ConfigError(source, key, f"expected a non-negative value, got {v!r}")
     if isinstance(obj, TermConfig) and obj.weight < 0:
         raise ConfigError(source, p + "weight", f"expected a non-negative weight, got {obj.weight!r}")
+    if isinstance(obj, TermConfig):
+        for key, message in obj.problems():
+            raise ConfigError(source, p + key, message)
     if isinstance(obj, AugConfig):
         for name in ("scale", "blur_sigma", "cutmix_area", "cutmix_ratio"):
             lo, hi = getattr(obj, name)

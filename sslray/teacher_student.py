@@ -72,6 +72,11 @@ class StepOutputs:
     # teacher "t_u_w" and "t_mix" (no grad). Use ``part()`` to slice one view out of them.
     model_out: dict[str, Any] = field(default_factory=dict)
     iteration: int = 0
+    # the step's inputs and a handle that runs the student on an extra batch (train mode, with gradient, the
+    # step's autocast): for terms that build their own inputs, e.g. GuidedMix's image-level mixup (semi steps)
+    img_x: torch.Tensor | None = None  # [Bx, 3, H, W]
+    img_u_w: torch.Tensor | None = None  # [Bu, 3, H, W]
+    student_forward: Callable[[torch.Tensor], dict] | None = field(default=None, repr=False)
     _parts: dict = field(default_factory=dict, repr=False)  # view -> (model_out key, start, stop)
     _mixed: dict = field(default_factory=dict, repr=False)
 
@@ -195,6 +200,12 @@ class TeacherStudent:
         finally:
             self.student.train(was_training)
 
+    def forward_student(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The student's model dict on an extra batch [B, 3, H, W], as the step runs it (train mode, with
+        gradient, the step's autocast); the caller decides whether to run it under no_grad."""
+        with self._autocast(img.device):
+            return self.student(img)
+
     @torch.no_grad()
     def _teacher_logits_of(self, model_out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits from its model dict: the method's refined ones when it has them."""
@@ -220,7 +231,8 @@ class TeacherStudent:
         need_s1, need_s2, need_fp = "s1" in self.needs, "s2" in self.needs, "fp" in self.needs
         bx, bu = img_x.shape[0], img_u_w.shape[0]
         out = StepOutputs(pred_x=None, mask_x=mask_x, ignore_mask_u=ignore_mask_u, cutmix_box1=box1,
-                          cutmix_box2=box2, iteration=iteration)
+                          cutmix_box2=box2, iteration=iteration, img_x=img_x, img_u_w=img_u_w,
+                          student_forward=self.forward_student)
 
         with self._autocast(device):
             mixing = (need_s1 or need_s2) and self.cfg.mix_source == "batch"

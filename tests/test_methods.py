@@ -10,9 +10,11 @@ from sslray.config import TeacherConfig, TrialConfig
 from sslray.methods import METHOD_PRESETS, TERMS, NonFiniteLossError, build_method, list_methods
 from sslray.methods.fixmatch import pseudo_label_ce
 from sslray.methods.supervised import ohem_ce
+from sslray.models import build_model
 from sslray.teacher_student import EMATeacher, StepOutputs, confidence
 
 K, B, H, W = 3, 2, 4, 5
+FEATURE_DIMS = build_model(TrialConfig().model, K).feature_dims  # what family modules size their heads from
 
 
 def method_cfg(name, **over):
@@ -171,4 +173,4 @@ def test_registry_consistency():
     for name in METHOD_PRESETS:
         cfg = method_cfg(name)
         assert set(cfg.terms) <= set(TERMS)
-        assert build_method(cfg, K).active
+        assert build_method(cfg, K, feature_dims=FEATURE_DIMS).active
