@@ -10,7 +10,9 @@ unlike DistributedSampler), and the confusion matrix is summed across ranks once
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -144,17 +146,34 @@ def center_crop(img: Tensor, mask: Tensor, crop: int) -> tuple[Tensor, Tensor]:
     return img[:, top: top + crop, left: left + crop], mask[top: top + crop, left: left + crop]
 
 
-def _batches(dataset: Any, indices: Sequence[int], mode: str, crop: int,
-             batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (img [B, 3, H, W], mask [B, H, W]) of consecutive items that share a size, at most batch_size."""
+def _items(dataset: Any, indices: Sequence[int], prefetch: int) -> Iterator[dict]:
+    """``dataset[i]`` for ``indices`` in order; with ``prefetch`` > 0, up to ``prefetch`` items are decoded ahead in
+    threads (PIL and torch release the GIL), so reading a 2048x1024 PNG overlaps the model's forward pass."""
+    if prefetch <= 0:
+        yield from (dataset[i] for i in indices)
+        return
+    with ThreadPoolExecutor(max_workers=prefetch) as pool:
+        pending: collections.deque = collections.deque()
+        for i in indices:
+            pending.append(pool.submit(dataset.__getitem__, i))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _batches(dataset: Any, indices: Sequence[int], mode: str, crop: int, batch_size: int, max_pixels: int,
+             prefetch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (img [B, 3, H, W], mask [B, H, W]) of consecutive items that share a size: at most ``batch_size`` of
+    them and at most ``max_pixels`` pixels in all (always at least one image)."""
     imgs: list[Tensor] = []
     masks: list[Tensor] = []
-    for i in indices:
-        item = dataset[i]
+    for item in _items(dataset, indices, prefetch):
         img, mask = item["img"], item["mask"]
         if mode == "center_crop":
             img, mask = center_crop(img, mask, crop)
-        if imgs and (img.shape != imgs[0].shape or len(imgs) == batch_size):
+        full = len(imgs) == batch_size or (len(imgs) + 1) * mask.numel() > max_pixels
+        if imgs and (img.shape != imgs[0].shape or full):
             yield torch.stack(imgs), torch.stack(masks)
             imgs, masks = [], []
         imgs.append(img)
@@ -166,7 +185,8 @@ def _batches(dataset: Any, indices: Sequence[int], mode: str, crop: int,
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, num_classes: int, mode: str, crop_size: int,
              device: torch.device | str, class_names: Sequence[str], ignore_index: int = 255, rank: int = 0,
-             world: int = 1, amp_dtype: torch.dtype | None = None, batch_size: int = 32) -> dict[str, Any]:
+             world: int = 1, amp_dtype: torch.dtype | None = None, batch_size: int = 32,
+             per_image: bool = False, max_pixels: int = 4 * 1024 * 2048, prefetch: int = 4) -> dict[str, Any]:
     """Evaluate ``model`` on this rank's share of ``dataset`` and reduce the confusion matrix over ranks.
 
     Args:
@@ -182,7 +202,13 @@ def evaluate(model: nn.Module, dataset: Any, num_classes: int, mode: str, crop_s
             end when torch.distributed is initialized (without it, each call returns its own share).
         amp_dtype: autocast dtype for the forward passes (None: full precision); scores are summed in float32.
         batch_size: consecutive images of equal size are stacked up to this many (eval-mode models treat
-            samples independently, so results equal batch size 1).
+            samples independently, so results equal batch size 1) ...
+        max_pixels: ... and up to this many pixels (default: 4 Cityscapes images, whose sliding windows then run
+            as batches of 4 crops).
+        prefetch: items decoded ahead in threads (0: none).
+        per_image: also return ``val/per_image``: ``{"inter": [N][K], "union": [N][K]}`` pixel counts of every
+            image in dataset order (gathered from all ranks). They add up to the confusion matrix's intersection
+            and union, so a bootstrap over images can recompute the dataset-level mIoU of any resample.
 
     Returns:
         ``val/miou``, ``val/pixel_acc`` and ``val/iou/<name>`` (all percent), and ``val/confusion`` ([K][K]
@@ -196,16 +222,45 @@ def evaluate(model: nn.Module, dataset: Any, num_classes: int, mode: str, crop_s
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     was_training = model.training
     model.eval()
+    indices = range(rank, len(dataset), world)
+    images: list[tuple[int, list[int], list[int]]] = []  # (dataset index, inter [K], union [K])
     try:
-        for img, mask in _batches(dataset, range(rank, len(dataset), world), mode, crop_size, batch_size):
+        for img, mask in _batches(dataset, indices, mode, crop_size, batch_size, max_pixels, prefetch):
             img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with _autocast(device, amp_dtype):
                 scores = predict(model, img, mode, crop_size, num_classes)
-            cm.update(scores.argmax(dim=1), mask)
+            pred = scores.argmax(dim=1)
+            cm.update(pred, mask)
+            if per_image:
+                inter, union = image_counts(pred, mask, num_classes, ignore_index)
+                first = len(images)
+                images += [(indices[first + j], i, u) for j, (i, u) in enumerate(zip(inter.tolist(), union.tolist()))]
     finally:
         model.train(was_training)
     cm.all_reduce()
-    return summarize(cm, class_names)
+    out = summarize(cm, class_names)
+    if per_image:
+        if dist.is_available() and dist.is_initialized():
+            shards: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(shards, images)
+            images = [x for shard in shards for x in shard]
+        images.sort()
+        out["val/per_image"] = {"inter": [i for _, i, _ in images], "union": [u for _, _, u in images]}
+    return out
+
+
+def image_counts(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
+    """Per-image intersection and union pixel counts, each [B, K] int64, of pred / target [B, H, W] (pixels
+    counted as in :meth:`ConfusionMatrix.update`)."""
+    k, b = num_classes, pred.shape[0]
+    t = target.reshape(b, -1).to(torch.int64)
+    p = pred.reshape(b, -1).to(torch.int64)
+    valid = (t >= 0) & (t < k) & (t != ignore_index)
+    image = torch.arange(b, device=t.device).unsqueeze(1).expand_as(t)
+    flat = (image * k * k + k * t + p)[valid]
+    m = torch.bincount(flat, minlength=b * k * k).reshape(b, k, k)  # [B, K, K] rows = target
+    inter = m.diagonal(dim1=1, dim2=2)
+    return inter, m.sum(1) + m.sum(2) - inter
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

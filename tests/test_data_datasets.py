@@ -20,7 +20,13 @@ def data():
 
 
 def test_registry():
-    assert list_datasets() == ["synthetic"] and get_spec("synthetic") is DATASETS["synthetic"]
+    assert list_datasets() == ["cityscapes", "pascal", "synthetic", "synthetic_voc"]
+    assert get_spec("synthetic") is DATASETS["synthetic"]
+    pascal, city = get_spec("pascal"), get_spec("cityscapes")  # UniMatch's configs (datasets.md section 7)
+    assert (pascal.num_classes, pascal.crop_size, pascal.eval_mode) == (21, 321, "original")
+    assert (city.num_classes, city.crop_size, city.eval_mode) == (19, 801, "sliding_window")
+    assert len(pascal.class_names) == len(pascal.palette) == 21 and pascal.palette[20] == (0, 64, 128)
+    assert len(city.class_names) == len(city.palette) == 19 and city.class_names[-1] == "bicycle"
     with pytest.raises(ValueError, match="synthetic"):
         get_spec("nope")
 

@@ -94,3 +94,23 @@ def test_normalize():
     x, m = normalize(Image.new("RGB", (5, 3)), Image.new("L", (5, 3), 254))
     assert m.dtype == torch.long and m.shape == (3, 5) and (m == 254).all()
     assert torch.allclose(x[:, 0, 0], -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))
+
+
+def test_weak_view_equals_rescale_pad_crop_flip():
+    """The fused weak view (resize of the kept box only) against UniMatch's literal order: same draws, masks
+    identical, image values within 2 (float rounding of the box's sampling positions)."""
+    from torchvision.transforms.v2 import functional as F
+
+    from sslray.data.transforms import pad_crop
+
+    img, mask = _pair(w=90, h=60)
+    for seed in range(30):
+        crop = (32, 64, 120)[seed % 3]  # inside, across and beyond the rescaled image
+        a, am = weak_view(img, mask, crop, 254, _rng(seed))
+        g = _rng(seed)
+        b, bm = rescale(img, mask, g)
+        b, bm = pad_crop(b, bm, crop, 254, g)
+        if g.random() < 0.5:
+            b, bm = F.horizontal_flip(b), F.horizontal_flip(bm)
+        assert np.array_equal(np.array(am), np.array(bm))
+        assert np.abs(np.array(a).astype(int) - np.array(b).astype(int)).max() <= 2

@@ -37,10 +37,12 @@ def run(cfg, tmp_path, name="run", **kw):
 
 
 # Pinned on torch 2.15 CPU. A change means the step's arithmetic changed: check why before re-pinning.
+# Re-pinned (issue 5) when the blur became UniMatch's PIL GaussianBlur and the weak view started resizing only the
+# kept crop (image values within 2 of the full resize, see tests/test_data_transforms.py).
 GOLDEN = {
-    "supervised": [1.7025, 1.5475, 1.4608, 1.4635],
-    "fixmatch": [1.1182, 1.0277, 0.9775, 1.0494],
-    "unimatch": [0.9708, 0.8793, 0.9258, 0.8579],
+    "supervised": [1.7043, 1.5287, 1.4747, 1.4824],
+    "fixmatch": [1.1168, 1.0280, 0.9653, 1.0647],
+    "unimatch": [0.9698, 0.8777, 0.9246, 0.8658],
 }
 
 

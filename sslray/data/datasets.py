@@ -1,5 +1,11 @@
 """Dataset specs, sample readers ("sources") and the three torch datasets of a trial, plus the sample stream.
 
+Datasets (:data:`DATASETS`): ``synthetic`` (the generator, nothing on disk), ``pascal`` (VOC 2012, 21 classes,
+crop 321, whole-image evaluation), ``cityscapes`` (19 classes, crop 801, sliding-window evaluation) and
+``synthetic_voc`` (what ``sslray data synth`` writes: the synthetic default in the VOC layout, read by the Pascal
+reader with 3 classes). The defaults are UniMatch's (``datasets.md`` section 7); the readers are ``voc.py`` and
+``cityscapes.py``, their shared rules ``readers.py``.
+
 A trial's data is a pure function of its config: the partition of ``(pool, cfg.partition, cfg.split_seed)``, and
 for every training iteration the batch of ``(index, aug_seed)`` keys from :func:`batch_keys`. Datasets take such a
 key and seed a fresh ``np.random.default_rng(aug_seed)`` for the sample's augmentation, so nothing depends on worker
@@ -22,7 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslray.config import AugConfig, DataConfig, SyntheticConfig
-from sslray.data import synthetic
+from sslray.data import cityscapes, synthetic, voc
+from sslray.data.readers import FileSource
 from sslray.data.splits import Partition, SplitEntry, generate_partition, write_partition
 from sslray.data.transforms import cutmix_box, normalize, strong_view, weak_view
 
@@ -45,6 +52,9 @@ class Source(Protocol):
 
     def load(self, entry: SplitEntry, with_mask: bool = True) -> tuple[Image.Image, Image.Image | None]:
         """RGB image and a mask whose ``np.array`` gives class ids / 255 (None when ``with_mask`` is False)."""
+
+    def partition(self, spec: str, seed: int) -> Partition:
+        """The labeled / unlabeled partition named by ``data.partition`` and ``data.split_seed``."""
 
 
 class SyntheticSource:
@@ -79,10 +89,26 @@ class SyntheticSource:
         img, mask = synthetic.make_sample(self.cfg.seed, self.generator_index(entry), self.cfg.size, self.params)
         return Image.fromarray(img, "RGB"), (Image.fromarray(mask, "L") if with_mask else None)
 
+    def partition(self, spec: str, seed: int) -> Partition:
+        return generate_partition(self.train_pool(), spec, seed)
 
+
+# Module-level functions, not lambdas: specs and sources must pickle (DataLoader workers, Ray).
 def _synthetic_source(cfg: DataConfig) -> SyntheticSource:
-    # A module-level function, not a lambda: specs and sources must pickle (DataLoader workers, Ray).
     return SyntheticSource(cfg.synthetic)
+
+
+def _pascal_source(cfg: DataConfig) -> voc.VOCSource:
+    return voc.VOCSource(cfg.root, splits_dir=cfg.splits_dir, mask_dir=cfg.mask_dir)
+
+
+def _synthetic_voc_source(cfg: DataConfig) -> voc.VOCSource:
+    return voc.VOCSource(cfg.root, num_classes=synthetic.NUM_CLASSES, splits_dir=cfg.splits_dir,
+                         mask_dir=cfg.mask_dir, image_ext=".png", dataset="")
+
+
+def _cityscapes_source(cfg: DataConfig) -> cityscapes.CityscapesSource:
+    return cityscapes.CityscapesSource(cfg.root, splits_dir=cfg.splits_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +123,7 @@ class DatasetSpec:
     num_classes: int
     class_names: tuple[str, ...]
     ignore_index: int = 255
-    eval_mode: str = "original"  # original | center_crop | sliding_window (datasets.md section 5.3)
+    eval_mode: str = "original"  # original | center_crop | sliding_window | sliding_window_v2 (datasets.md 5.3)
     crop_size: int = 64  # training crop when the config leaves data.crop_size unset
     palette: tuple[tuple[int, int, int], ...] = ()  # for P-mode PNG masks / visualisation
     make_source: Callable[[DataConfig], Source]
@@ -107,6 +133,19 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
         name="synthetic", num_classes=synthetic.NUM_CLASSES, class_names=synthetic.CLASS_NAMES, ignore_index=255,
         eval_mode="original", crop_size=64, palette=tuple(synthetic.PALETTE), make_source=_synthetic_source),
+    "synthetic_voc": DatasetSpec(
+        name="synthetic_voc", num_classes=synthetic.NUM_CLASSES, class_names=synthetic.CLASS_NAMES,
+        ignore_index=255, eval_mode="original", crop_size=64, palette=tuple(synthetic.PALETTE),
+        make_source=_synthetic_voc_source),
+    # UniMatch configs/pascal.yaml: crop 321 (513 for its u2pl_* runs), evaluated on whole images.
+    "pascal": DatasetSpec(
+        name="pascal", num_classes=voc.NUM_CLASSES, class_names=voc.CLASS_NAMES, ignore_index=255,
+        eval_mode="original", crop_size=321, palette=voc.PALETTE, make_source=_pascal_source),
+    # UniMatch configs/cityscapes.yaml: crop 801, sliding 801 windows at stride 534 (V1, truncated edges).
+    "cityscapes": DatasetSpec(
+        name="cityscapes", num_classes=cityscapes.NUM_CLASSES, class_names=cityscapes.CLASS_NAMES,
+        ignore_index=255, eval_mode="sliding_window", crop_size=801, palette=cityscapes.PALETTE,
+        make_source=_cityscapes_source),
 }
 
 
@@ -227,14 +266,24 @@ class TrialData:
 
 
 def build_data(cfg: DataConfig, workdir: str | os.PathLike | None = None) -> TrialData:
-    """Build the reader, draw the partition and wrap the three datasets.
+    """Build the reader, get the partition (split files or a seeded draw) and wrap the three datasets.
 
-    With ``workdir``, the partition is written to ``workdir/splits/{labeled,unlabeled}.txt`` and the recorded sha256
-    are those of the files on disk; without, the same bytes are hashed in memory.
+    On-disk datasets are checked cheaply first (``FileSource.quick_check``: lists non-empty, no duplicates or
+    overlaps, every listed file exists), so bad data fails the trial now, with one line naming the file, rather
+    than in the middle of training; ``sslray data check`` does the full pixel scan.
+
+    With ``workdir``, the partition is written to ``workdir/splits/{labeled,unlabeled}.txt`` (canonical two-column
+    form, whatever dialect it was read from) and the recorded sha256 are those of the files on disk; without, the
+    same bytes are hashed in memory.
     """
     spec = get_spec(cfg.dataset)
     source = spec.make_source(cfg)
-    partition = generate_partition(source.train_pool(), cfg.partition, cfg.split_seed)
+    partition = source.partition(cfg.partition, cfg.split_seed)
+    val_entries = source.val_entries()
+    with_truth = True
+    if isinstance(source, FileSource):
+        with_truth = source.quick_check(partition, val_entries)
+        source.check_val_standard()
     if workdir is not None:
         sha = write_partition(Path(workdir) / "splits", partition)
     else:
@@ -243,8 +292,8 @@ def build_data(cfg: DataConfig, workdir: str | os.PathLike | None = None) -> Tri
     return TrialData(
         spec=spec,
         labeled=LabeledDataset(source, partition.labeled, crop, cfg.aug, spec.ignore_index),
-        unlabeled=UnlabeledDataset(source, partition.unlabeled, crop, cfg.aug, with_truth=True),
-        val=ValDataset(source, source.val_entries()),
+        unlabeled=UnlabeledDataset(source, partition.unlabeled, crop, cfg.aug, with_truth=with_truth),
+        val=ValDataset(source, val_entries),
         partition=partition, split_sha256=sha, crop_size=crop, eval_mode=cfg.eval_mode or spec.eval_mode,
         num_classes=spec.num_classes, ignore_index=spec.ignore_index, class_names=spec.class_names)
 

@@ -9,8 +9,10 @@ without a final newline (several published UniMatch splits) parse the same. A on
 the U2PL / CPS dialects) reads as an entry without a mask; resolving it to paths is the dataset reader's business.
 
 Generated partitions are a pure function of ``(pool, spec, seed)``: the labeled set is the first ``n`` indices of
-``default_rng(seed).permutation(len(pool))`` **in draw order**, so for one seed the 16-label set is a prefix of the
-32-label set (nested protocols, like the CPS blended splits), and the sha256 of the written files identifies a split.
+``default_rng(seed).permutation(len(labeled_pool))`` **in draw order**, so for one seed the 16-label set is a prefix of
+the 32-label set (nested protocols, like the CPS blended splits), and the sha256 of the written files identifies a
+split. The labeled pool defaults to the whole pool; Pascal's classic protocol draws from the 1,464 finely annotated
+images while every other train_aug image stays unlabeled (``datasets.md`` section 6).
 """
 from __future__ import annotations
 
@@ -51,11 +53,17 @@ class SplitEntry:
 
 @dataclass(frozen=True)
 class Partition:
-    """A labeled / unlabeled partition of a pool (disjoint; their union is the pool)."""
+    """A labeled / unlabeled partition of a pool (disjoint; their union is the pool).
+
+    ``origin`` says where it came from: ``generated`` (seeded draw) or the labeled split file it was read from;
+    ``standard`` names the published split it equals (``unimatch:pascal/92``, see ``fingerprints``), else None.
+    """
 
     labeled: tuple[SplitEntry, ...]
     unlabeled: tuple[SplitEntry, ...]
     name: str
+    origin: str = "generated"
+    standard: str | None = None
 
     def sha256(self) -> dict[str, str]:
         """sha256 hex of ``labeled.txt`` and ``unlabeled.txt`` exactly as :func:`write_partition` writes them."""
@@ -102,16 +110,25 @@ def _parse_fraction(s: str) -> Fraction | None:
     return None
 
 
-def generate_partition(pool: Sequence[SplitEntry], spec: str, seed: int) -> Partition:
-    """Draw the labeled set from ``pool`` with ``numpy.random.default_rng(seed)``.
+def generate_partition(pool: Sequence[SplitEntry], spec: str, seed: int,
+                       labeled_pool: Sequence[SplitEntry] | None = None) -> Partition:
+    """Draw the labeled set with ``numpy.random.default_rng(seed)``.
 
-    Labeled = the first n indices of the permutation, in draw order (not sorted: the same seed then gives nested
-    labeled sets across n, and the file order records the draw); unlabeled = the rest, in pool order.
+    Labeled = the first n indices of a permutation of ``labeled_pool`` (default: ``pool``), in draw order (not
+    sorted: the same seed then gives nested labeled sets across n, and the file order records the draw); ``spec``
+    counts or ratios are of the labeled pool. Unlabeled = the rest of ``pool``, in pool order. Samples are matched
+    by image path, so the labeled pool must be a subset of the pool.
     """
     _check_unique(pool)
-    n = parse_partition_spec(spec, len(pool))
-    perm = np.random.default_rng(seed).permutation(len(pool))
-    chosen = perm[:n]
+    candidates = pool if labeled_pool is None else labeled_pool
+    _check_unique(candidates)
+    index = {e.image: i for i, e in enumerate(pool)}
+    outside = [e.image for e in candidates if e.image not in index]
+    if outside:
+        raise ValueError(f"the labeled pool has {len(outside)} samples outside the pool, e.g. {outside[0]!r}")
+    n = parse_partition_spec(spec, len(candidates))
+    perm = np.random.default_rng(seed).permutation(len(candidates))
+    chosen = [index[candidates[i].image] for i in perm[:n]]
     rest = np.ones(len(pool), bool)
     rest[chosen] = False
     return Partition(labeled=tuple(pool[i] for i in chosen),
@@ -127,10 +144,14 @@ def _check_unique(pool: Sequence[SplitEntry]) -> None:
         seen.add(e.image)
 
 
-def parse_split_text(text: str, source: str = "<text>") -> list[SplitEntry]:
-    """Entries of a split file's text: ``splitlines()``, blank lines skipped, 1 or 2 whitespace-separated columns.
+def split_rows(text: str, source: str = "<text>",
+               errors: list[tuple[int, str]] | None = None) -> list[tuple[int, tuple[str, ...]]]:
+    """``(line number, columns)`` of every non-blank line: ``splitlines()`` then whitespace split, so CRLF, tabs
+    (CPS), trailing spaces and a missing final newline all parse. Dataset readers turn the columns into paths (the
+    dialects differ).
 
-    A second column ``None`` (UniMatch-V2's unlabeled lists) means no mask.
+    A line with more than 2 columns raises ValueError naming ``source:line``, or, with ``errors``, is appended there
+    as ``(line, message)`` and skipped.
     """
     out = []
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -138,7 +159,28 @@ def parse_split_text(text: str, source: str = "<text>") -> list[SplitEntry]:
         if not cols:
             continue
         if len(cols) > 2:
-            raise ValueError(f"{source}:{lineno}: expected '<image> <mask>' or '<image>', got {raw!r}")
+            message = f"expected '<image> <mask>' or '<image>', got {raw.strip()!r}"
+            if errors is None:
+                raise ValueError(f"{source}:{lineno}: {message}")
+            errors.append((lineno, message))
+            continue
+        out.append((lineno, tuple(cols)))
+    return out
+
+
+def read_split_rows(path: str | os.PathLike,
+                    errors: list[tuple[int, str]] | None = None) -> list[tuple[int, tuple[str, ...]]]:
+    """:func:`split_rows` of a file (UTF-8; a BOM is ignored)."""
+    return split_rows(Path(path).read_text(encoding="utf-8-sig"), source=str(path), errors=errors)
+
+
+def parse_split_text(text: str, source: str = "<text>") -> list[SplitEntry]:
+    """Entries of a split file's text, columns taken literally (see :func:`split_rows`).
+
+    A second column ``None`` (UniMatch-V2's unlabeled lists) means no mask.
+    """
+    out = []
+    for _, cols in split_rows(text, source):
         mask = cols[1] if len(cols) == 2 and cols[1] != "None" else None
         out.append(SplitEntry(cols[0], mask))
     return out
