@@ -1,0 +1,104 @@
+"""Figures from hand-made results: the series each figure carries, and files that open (PNG via PIL, SVG as XML)."""
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import BarContainer
+from PIL import Image
+
+from sslray.plots import (ablation_figure, curves_figure, efficiency_figure, labeled_counts, plot_study, save)
+from sslray.study import load_study
+from sslray.tables import ablation_table, cell_members, comparison_table
+
+MIOU = {"supervised": {"16": [30.0, 34.0], "64": [40.0, 42.0]}, "unimatch": {"16": [38.0, 40.0], "64": [45.0, 47.0]}}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plots") / "p.yaml"
+    path.write_text("name: p\ngrid:\n  method.name: [supervised, unimatch]\n  data.partition: ['16', '64']\n"
+                    "seeds: [0, 1]\nreport: {baseline: supervised}\n")
+    return load_study(str(path))
+
+
+@pytest.fixture(scope="module")
+def results(study):
+    rows, hist = [], []
+    for t in study.trials(unique=False):
+        m, p = t.config.method.name, t.config.data.partition
+        v = MIOU[m][p][t.seed]
+        rows.append({"study": "p", "trial_id": t.trial_id, "status": "ok", "seed": t.seed, "variant": None,
+                     "cfg.method.name": m, "cfg.data.partition": p, "val/miou": v})
+        hist += [{"study": "p", "trial_id": t.trial_id, "iteration": it, "val/miou": v * frac}
+                 for it, frac in ((50, 0.5), (100, 1.0))]
+    return pd.DataFrame(rows), pd.DataFrame(hist)
+
+
+def test_efficiency_lines_carry_means_over_labeled_counts(study, results):
+    df, _ = results
+    table = comparison_table(df, study.trials(unique=False), "method.name", "data.partition")
+    labeled = labeled_counts(study.trials(unique=False))
+    assert labeled == {"16": 16, "64": 64}
+    fig = efficiency_figure(table, labeled)
+    ax = fig.axes[0]
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    assert lines == {"supervised": ([16, 64], [32.0, 41.0]), "unimatch": ([16, 64], [39.0, 46.0])}
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "labeled images" and ax.get_ylabel() == "mIoU (%)"
+    band = ax.collections[0].get_paths()[0].vertices  # supervised: mean +- std (2.83 at 16, 1.41 at 64)
+    assert band[:, 1].min() == pytest.approx(32.0 - np.std([30, 34], ddof=1))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["supervised", "unimatch"]
+
+
+def test_labeled_counts_of_ratios_use_the_synthetic_pool(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nbase: {data: {synthetic: {num_train: 100}}}\ngrid: {data.partition: ['1_8', '1_2']}\n")
+    assert labeled_counts(load_study(str(path)).trials()) == {"1_8": 13, "1_2": 50}  # rounded up, as splits.py
+
+
+def test_ablation_bars_with_error_bars(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("name: a\nbase: {method: {name: unimatch}}\n"
+                    "ablation: {variants: {-fp: {method.terms.u_fp.weight: 0}}}\nseeds: [0, 1]\n")
+    study = load_study(str(path))
+    values = {"full": [50.0, 52.0], "-fp": [46.0, 47.0]}
+    df = pd.DataFrame([{"trial_id": t.trial_id, "status": "ok", "seed": t.seed, "val/miou": values[t.variant][t.seed]}
+                       for t in study.trials(unique=False)])
+    fig = ablation_figure(ablation_table(study, df))
+    ax = fig.axes[0]
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_height() for b in bars] == [51.0, 46.5]
+    assert [b.get_hatch() for b in bars] == ["//", ""]  # the full method hatched
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["full", "-fp"]
+    errs = bars.errorbar.lines[2][0].get_segments()  # the vertical error bar segments: mean +- std
+    assert [tuple(np.round(s[:, 1], 3)) for s in errs] == [(49.586, 52.414), (45.793, 47.207)]
+
+
+def test_curves_one_panel_per_column(study, results):
+    df, hist = results
+    rows, cols, members = cell_members(df, study.trials(unique=False), "method.name", "data.partition")
+    fig = curves_figure(hist, members, rows, cols, "val/miou", "method.name", "data.partition")
+    assert [ax.get_title() for ax in fig.axes] == ["data.partition = 16", "data.partition = 64"]
+    sup16 = fig.axes[0].get_lines()[0]
+    assert sup16.get_label() == "supervised" and list(sup16.get_xdata()) == [50, 100]
+    assert list(sup16.get_ydata()) == [16.0, 32.0]  # mean over seeds at each evaluation
+
+
+def test_plot_study_writes_png_and_svg_that_open(study, results, tmp_path):
+    df, hist = results
+    png = plot_study(study, df, hist, str(tmp_path / "png"))
+    assert [p.rsplit("/", 1)[1] for p in png] == ["efficiency.png", "curves.png"]  # no ablation in this study
+    for p in png:
+        with Image.open(p) as im:
+            im.verify()
+            assert im.format == "PNG"
+    svg = plot_study(study, df, hist, str(tmp_path / "svg"), kinds=["efficiency"], fmt="svg")
+    root = ET.parse(svg[0]).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}path")) > 10
+    again = tmp_path / "again.svg"
+    save(efficiency_figure(comparison_table(df, study.trials(unique=False), "method.name", "data.partition"),
+                           {"16": 16, "64": 64}, "p: label efficiency"), str(again))
+    assert again.read_bytes() == open(svg[0], "rb").read()  # no timestamp: the same results give the same file
+    with pytest.raises(ValueError, match="unknown plot format 'gif'"):
+        plot_study(study, df, hist, str(tmp_path), fmt="gif")

@@ -1,0 +1,222 @@
+"""W&B tracking with the real wandb library, offline: runs are written under the storage and read back from their
+.wandb files; no secret reaches them; disabled tracking never imports wandb."""
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sslray import tracking
+from sslray.config import ConfigError, TrialConfig
+from sslray.results import ResultsStore, make_row
+from sslray.study import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B API key (40 hex)
+
+
+def records(path):
+    """The protobuf records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log blocks of
+    32 KiB holding [crc32c 4, length 2, type 1] + payload chunks (type 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, buf, block = 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            yield r
+
+
+def read_run(run_dir):
+    """run record, config dict, history rows (by step), merged summary and exit code of one offline run."""
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    out = {"history": {}, "summary": {}, "exit_code": None, "config": {}}
+    for r in records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = r.run
+            out["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+        elif kind == "config":
+            out["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
+        elif kind == "history":
+            row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            out["history"][row["_step"]] = row
+        elif kind == "summary":
+            out["summary"].update({"/".join(u.nested_key) or u.key: json.loads(u.value_json)
+                                   for u in r.summary.update})
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
+    return out
+
+
+def offline_runs(storage):
+    return sorted(glob.glob(os.path.join(str(storage), "wandb", "offline-run-*")))
+
+
+@pytest.fixture()
+def wandb_env(tmp_path, monkeypatch):
+    """wandb's own caches under tmp_path, and an API key in the environment that must never be written."""
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    return tmp_path
+
+
+def assert_no_secret(directory):
+    for p in Path(directory).rglob("*"):
+        if p.is_file():
+            assert SECRET.encode() not in p.read_bytes(), p
+
+
+def tiny_config(method="fixmatch", seed=0):
+    return TrialConfig.from_dict({"name": f"s-{method}-{seed}", "seed": seed, "method": {"name": method}})
+
+
+def test_trial_runs_offline_read_back(wandb_env):
+    storage = wandb_env / "store"
+    settings = {"mode": "offline", "project": "sslray", "entity": None, "dir": str(storage)}
+    cfg = tiny_config()
+    run = tracking.TrialRun.start(settings, "s", cfg, {"method.name": "fixmatch", "seed": 0})
+    report = run.reporter(lambda m, ck: None)
+    for it, miou in ((2, 10.0), (4, 12.5)):  # arrays in the metrics (confusion, per-image) are not logged
+        report({"iteration": it, "val/miou": miou, "train/loss": 1.0 / it, "val/confusion": [[1, 0], [0, 1]],
+                "val/per_image": {"inter": [[1]], "union": [[1]]}}, None)
+    run.finish("ok", {"val/miou": 12.5, "best/val/miou": 12.5, "history": [{"iteration": 2}]}, None)
+    failed = tracking.TrialRun.start(settings, "s", tiny_config("supervised"))
+    failed.finish("failed", None, "non-finite loss at iteration 3")
+
+    runs = offline_runs(storage)
+    assert len(runs) == 2
+    ok = read_run(next(r for r in runs if r.endswith(tracking.run_id("s", cfg.trial_id()))))
+    assert (ok["run"].run_group, ok["run"].job_type, ok["run"].display_name) == ("s", "fixmatch", "s-fixmatch-0")
+    assert ok["run"].run_id == tracking.run_id("s", cfg.trial_id())
+    assert ok["config"]["data"]["partition"] == cfg.data.partition and ok["config"]["seed"] == 0
+    assert ok["config"]["sslray"]["trial_id"] == cfg.trial_id()
+    assert ok["config"]["sslray"]["cell"] == {"method.name": "fixmatch", "seed": 0}
+    assert sorted(ok["history"]) == [2, 4] and ok["history"][4]["val/miou"] == 12.5
+    assert not any("val/confusion" in h or "val/per_image" in h for h in ok["history"].values())
+    assert ok["summary"]["status"] == "ok" and ok["summary"]["best/val/miou"] == 12.5 and ok["exit_code"] == 0
+    bad = read_run(next(r for r in runs if not r.endswith(tracking.run_id("s", cfg.trial_id()))))
+    assert bad["summary"]["status"] == "failed" and bad["summary"]["reason"].startswith("non-finite")
+    assert bad["exit_code"] == 1 and bad["run"].job_type == "supervised"
+    assert_no_secret(storage)
+    sync = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", *runs], capture_output=True,
+                          text=True, timeout=120)
+    assert "Would sync 2 run(s)" in sync.stdout + sync.stderr  # sync-ready as written
+
+
+def test_study_summary_run_holds_tables_and_plots(wandb_env):
+    path = wandb_env / "s.yaml"
+    storage = wandb_env / "store"
+    path.write_text(f"name: s\ngrid: {{method.name: [supervised, fixmatch]}}\nseeds: [0, 1]\n"
+                    f"report: {{baseline: supervised}}\nstorage: {storage}\n")
+    study = load_study(str(path))
+    store = ResultsStore(storage)
+    for i, t in enumerate(study.trials()):
+        metrics = {"iteration": 4, "val/miou": 30.0 + 5 * (t.config.method.name == "fixmatch") + i,
+                   "val/confusion": [[3, 1], [1, 3]]}
+        store.write(make_row("s", t.point, t.config, "ok", metrics, None, 36.0, "cpu", {"cpus": 1}),
+                    [{"iteration": 2, "val/miou": 20.0}, {"iteration": 4, "val/miou": metrics["val/miou"]}])
+    run_dir = tracking.log_study(study, str(storage), tracking.settings_for(study, str(storage)))
+    (summary_run,) = offline_runs(storage)
+    assert run_dir.startswith(summary_run)
+    media = Path(summary_run) / "files" / "media"
+    (comparison,) = (media / "table" / "tables").glob("comparison_*.table.json")
+    table = json.loads(comparison.read_text())
+    assert table["columns"] == ["method.name", "16", "Δ 16"]
+    # trials in plan order (seed-major) scored 30, 35 + 1, 30 + 2, 35 + 3: supervised 31, fixmatch 37
+    assert [row[0] for row in table["data"]] == ["supervised", "fixmatch"] and table["data"][1][2] == "+6.0"
+    assert {p.name.split("_")[0] for p in (media / "table" / "tables").glob("*.json")} == {
+        "comparison", "per", "pseudo", "cost", "manifest"}
+    assert {p.name.split("_")[0] for p in (media / "images" / "plots").glob("*.png")} == {"efficiency", "curves"}
+    read = read_run(summary_run)
+    assert read["run"].job_type == "summary" and read["summary"]["trials"] == 4 and read["summary"]["trials_ok"] == 4
+    assert read["summary"]["cpu_hours"] == pytest.approx(4 * 36.0 / 3600)
+    assert_no_secret(storage)
+
+
+def test_mode_resolution_and_validation(tmp_path, monkeypatch):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\n")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    study = load_study(str(path))
+    assert tracking.settings_for(study, str(tmp_path))["mode"] == "offline"  # the default: no account needed
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert tracking.settings_for(study, str(tmp_path))["mode"] == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.settings_for(study, str(tmp_path)) is None
+    path.write_text("name: s\ntracking: {wandb: offline, project: papers}\n")  # the study file wins over the env
+    s = tracking.settings_for(load_study(str(path)), str(tmp_path))
+    assert (s["mode"], s["project"], s["dir"]) == ("offline", "papers", str(tmp_path))
+    path.write_text("name: s\ntracking: {wandb: sometimes}\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: tracking\.wandb: expected one of \['offline', 'online', "):
+        load_study(str(path))
+    path.write_text("name: s\ntracking: {api_key: x}\n")
+    with pytest.raises(ConfigError, match=r"tracking\.api_key: unknown key"):
+        load_study(str(path))
+
+
+def test_scrub_drops_credentials_and_redacts_the_key(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    d = {"data": {"root": f"/x/{SECRET}"}, "api_key": "a", "nested": [{"auth_token": 1, "ok": 2}], "lr": 0.1}
+    assert tracking.scrub(d) == {"data": {"root": tracking.REDACTED}, "nested": [{"ok": 2}], "lr": 0.1}
+
+
+def test_disabled_tracking_never_imports_wandb(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any "import wandb" now raises ImportError
+    assert tracking.TrialRun.start(None, "s", TrialConfig()) is None
+    assert tracking.log_study(None, ".", None) is None
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_smoke_study_on_ray_writes_runs_tables_and_figures(tmp_path, capsys):
+    """studies/smoke.yaml on a real local Ray: one W&B run per trial (written in the trial actor) plus the summary
+    run, and the table / plot commands on the finished results."""
+    from PIL import Image
+
+    from sslray.cli import main
+
+    storage = tmp_path / "store"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "WANDB_API_KEY": SECRET,
+           "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_DATA_DIR": str(tmp_path / "data")}
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run([sys.executable, "-m", "sslray", "run", "studies/smoke.yaml", "--storage", str(storage),
+                           "--num-cpus", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [read_run(r) for r in offline_runs(storage)]
+    assert sorted(r["run"].job_type for r in runs) == ["fixmatch", "summary", "supervised"]
+    for r in runs:
+        if r["run"].job_type != "summary":
+            assert r["run"].run_group == "smoke" and sorted(r["history"]) == [2, 4] and r["summary"]["status"] == "ok"
+    assert_no_secret(storage)
+
+    smoke = str(ROOT / "studies" / "smoke.yaml")
+    capsys.readouterr()
+    assert main(["table", smoke, "--storage", str(storage), "--format", "latex"]) == 0
+    assert "\\toprule" in capsys.readouterr().out
+    assert main(["table", smoke, "--storage", str(storage), "--per-class", "--manifest", "--format", "html"]) == 0
+    out = capsys.readouterr().out
+    assert "<caption>Per-class IoU</caption>" in out and "sslray train " in out and "config.yaml" in out
+    assert main(["plot", smoke, "--storage", str(storage), "--out", str(tmp_path / "figs")]) == 0
+    paths = capsys.readouterr().out.split()
+    assert [os.path.basename(p) for p in paths] == ["efficiency.png", "curves.png"]
+    with Image.open(paths[0]) as im:
+        assert im.format == "PNG" and im.size[0] > 300
