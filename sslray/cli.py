@@ -2,10 +2,13 @@
 
     sslray run STUDY.yaml [--address auto] [--storage DIR] [--resume] [--set key=value ...] [--dry-run]
     sslray status STUDY.yaml              which cells are done, failed (why), started, missing
-    sslray table STUDY.yaml [--format markdown|csv|latex]
+    sslray table STUDY.yaml [--format markdown|latex|csv|html] [--per-class] [--pseudo] [--cost] [--manifest]
+    sslray plot STUDY.yaml [--kind efficiency|ablation|curves] [--format png|svg] [--out DIR]
     sslray train [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
     sslray validate FILE.yaml ...         study files and trial configs
     sslray list {methods,terms,datasets,models}
+    sslray data check --dataset NAME --root DIR [--split FILE ...]   scan a dataset, one line per problem
+    sslray data synth --out DIR           write the synthetic default in the VOC layout (dataset synthetic_voc)
 
 Errors in inputs are one line naming the file and the dotted key, exit code 2; a failed trial (NaN loss,
 missing data) is one line too, exit code 1, with whatever was already written (splits, checkpoints) kept.
@@ -19,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from sslray.config import ConfigError, TrialConfig
+from sslray.config import ConfigError, TrialConfig, load_plugins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -70,23 +73,64 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the trial plan and exit")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
-    r.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"], help="table format")
+    r.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"], help="table format")
 
     st = sub.add_parser("status", help="list a study's cells: done, failed (with reason), started, missing")
     st.add_argument("study")
     st.add_argument("--storage", help="default: the study's storage")
 
-    tb = sub.add_parser("table", help="print a study's comparison table from its stored results",
-                        description="Rows x columns from the study's report block (overridable), cells mean +- std "
-                                    "over seeds with n, best per column marked, missing and failed cells shown.")
+    tb = sub.add_parser(
+        "table", help="print a study's comparison table from its stored results",
+        description="Rows x columns from the study's report block (overridable), cells mean +- std over seeds with "
+                    "n, best per column bold and second underlined, delta and a paired test over seeds against the "
+                    "baseline row (Holm-corrected, marked with a dagger), paper numbers beside the reproduced ones "
+                    "(report.paper_numbers), missing and failed cells shown. An ablation study prints its variants "
+                    "with what each changes; a search study its best configs, Optuna parameter importances and "
+                    "history. --per-class, --pseudo, --cost and --manifest print those tables instead.",
+        epilog="Example: sslray table studies/quickstart.yaml --format latex > table.tex\n"
+               "         sslray table studies/quickstart.yaml --bootstrap 1000    # + CIs over validation images\n"
+               "         sslray table studies/quickstart.yaml --manifest          # what reproduces each trial",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     tb.add_argument("study")
     tb.add_argument("--storage", help="default: the study's storage")
-    tb.add_argument("--format", default="markdown", choices=["markdown", "csv", "latex"])
+    tb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="the --set overrides the study was run with (they change the trial ids)")
+    tb.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"])
     tb.add_argument("--metric", help="default: report.metric (val/miou)")
     tb.add_argument("--rows", help="dotted config key or 'variant' (default: report.rows)")
     tb.add_argument("--cols", help="dotted config key or 'variant' (default: report.cols)")
     tb.add_argument("--baseline", help="row label to compute deltas against (default: report.baseline)")
     tb.add_argument("--agg", choices=["last", "best"], help="final or best evaluation (default: report.agg)")
+    tb.add_argument("--significance", choices=["auto", "t", "wilcoxon", "none"],
+                    help="paired test over seeds against the baseline (default: report.significance, auto: exact "
+                         "Wilcoxon from 6 seeds on, else paired t)")
+    tb.add_argument("--alpha", type=float, help="family-wise level after Holm's correction (default: report.alpha)")
+    tb.add_argument("--bootstrap", type=int, metavar="N",
+                    help="N resamples of the validation images for CIs (default: report.bootstrap; 0: off)")
+    tb.add_argument("--paper", metavar="YAML", help="paper numbers file (default: report.paper_numbers)")
+    tb.add_argument("--per-class", action="store_true", help="IoU per class from the stored confusion matrices")
+    tb.add_argument("--pseudo", action="store_true", help="pseudo-label quality: mask ratio and accuracy")
+    tb.add_argument("--cost", action="store_true", help="GPU- and CPU-hours per cell, with a forecast for the rest")
+    tb.add_argument("--manifest", action="store_true",
+                    help="per trial: id, git sha and dirty flag, split sha256, versions, the exact rerun command")
+
+    pl = sub.add_parser(
+        "plot", help="write a study's figures: label efficiency, ablation bars, training curves",
+        description="Figures from the stored results (matplotlib): label-efficiency curves (metric vs number of "
+                    "labeled images, one line per row, seed band), ablation bars with error bars, training curves "
+                    "per cell. Default: every kind that applies to the study. Prints the paths written.",
+        epilog="Example: sslray plot studies/quickstart.yaml --kind efficiency --format svg --out figs/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("study")
+    pl.add_argument("--storage", help="default: the study's storage")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="the --set overrides the study was run with")
+    pl.add_argument("--kind", action="append", choices=["efficiency", "ablation", "curves"],
+                    help="repeatable (default: all that apply)")
+    pl.add_argument("--out", help="output directory (default: <storage>/plots)")
+    pl.add_argument("--format", default="png", choices=["png", "svg"])
+    pl.add_argument("--metric", help="default: report.metric (val/miou)")
+    pl.add_argument("--agg", choices=["last", "best"], help="default: report.agg")
 
     v = sub.add_parser("validate", help="check study files and trial configs without running anything",
                        description="Parse and validate each file; print one line per file; exit 2 if any is wrong.")
@@ -94,7 +138,51 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered methods, loss terms, datasets or models")
     ls.add_argument("what", choices=["methods", "terms", "datasets", "models"])
+    _data_parser(sub)
+    for cmd in (t, r, st, tb, pl, v, ls):  # study files are data: code they rely on is named here, by the user
+        cmd.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                         help="import MODULE and call its register() first, adding methods, terms or datasets "
+                              "(repeatable; Ray trials import it too)")
     return p
+
+
+def _data_parser(sub) -> None:
+    """``sslray data check`` and ``sslray data synth``."""
+    from sslray.config import SyntheticConfig
+
+    d = sub.add_parser("data", help="check a dataset on disk, or write the synthetic one in the VOC layout")
+    dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    c = dsub.add_parser(
+        "check", help="read every listed image and mask once and report each problem on one line",
+        description="Reports missing, unreadable or truncated images and masks, label values outside the class "
+                    "range (other than 255), image/mask size mismatches, duplicate ids, labeled/unlabeled overlap "
+                    "and training images in val lists, then a summary (counts, published splits recognised, class "
+                    "histogram). Exit code 1 if anything is wrong. A file's role comes from its name: "
+                    "*unlabeled*/test -> images only, val -> validation, anything else -> labeled.",
+        epilog="Example: sslray data check --dataset pascal --root /data/VOC2012 "
+               "--split UniMatch/splits/pascal/92/labeled.txt --split UniMatch/splits/pascal/92/unlabeled.txt "
+               "--split UniMatch/splits/pascal/val.txt")
+    c.add_argument("--dataset", required=True, help="pascal, cityscapes or synthetic_voc")
+    c.add_argument("--root", required=True, help="dataset root directory")
+    c.add_argument("--split", dest="splits", action="append", default=[], metavar="FILE",
+                   help="split file in any supported dialect (repeatable; default: the val list and train pool a "
+                        "trial would read)")
+    c.add_argument("--splits-dir", help="as data.splits_dir, for the default lists")
+    c.add_argument("--mask-dir", help="as data.mask_dir (VOC): SegmentationClass or SegmentationClassAug")
+    c.add_argument("--workers", type=int, help="decoding threads (default: up to 8)")
+    y = dsub.add_parser("synth", help="write the synthetic default dataset in the VOC layout with split files",
+                        description="Writes JPEGImages/*.png, SegmentationClass/*.png (palette masks), "
+                                    "ImageSets/Segmentation/*.txt and UniMatch-format splits/ under OUT; train on it "
+                                    "with data.dataset=synthetic_voc, data.root=OUT, data.splits_dir=OUT/splits.")
+    dflt = SyntheticConfig()
+    y.add_argument("--out", required=True, help="output directory (created)")
+    y.add_argument("--size", type=int, default=dflt.size, help=f"image side in pixels (default {dflt.size})")
+    y.add_argument("--num-train", type=int, default=dflt.num_train, help=f"pool size (default {dflt.num_train})")
+    y.add_argument("--num-val", type=int, default=dflt.num_val, help=f"validation images (default {dflt.num_val})")
+    y.add_argument("--seed", type=int, default=dflt.seed, help=f"generator seed (default {dflt.seed})")
+    y.add_argument("--partition", dest="partitions", action="append", metavar="SPEC",
+                   help="partition to write under splits/ (repeatable; default: 16 and 32)")
+    y.add_argument("--split-seed", type=int, default=0, help="seed of the partition draws (default 0)")
 
 
 def _load_config(path: str | None, overrides: list[str]) -> TrialConfig:
@@ -117,9 +205,14 @@ def _init_distributed() -> bool:
 
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written summary behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _fmt_report(m: dict, total: int) -> str:
@@ -136,7 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         cfg = cfg.with_overrides([f"run.out_dir={args.out}"])
     from sslray.methods import NonFiniteLossError
-    from sslray.trainer import Runtime, default_out_dir, fit
+    from sslray.trainer import NOT_IN_HISTORY, Runtime, default_out_dir, fit
 
     distributed = _init_distributed()
     runtime = Runtime.detect(cfg.run.device)
@@ -151,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not runtime.is_main:
             return
         with open(history_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: v for k, v in metrics.items() if k != "val/confusion"}) + "\n")
+            f.write(json.dumps({k: v for k, v in metrics.items() if k not in NOT_IN_HISTORY}) + "\n")
         if not args.quiet:
             print(_fmt_report(metrics, cfg.train.iterations), flush=True)
 
@@ -223,15 +316,52 @@ def _print_plan(study, todo, skipped, storage: str) -> None:
 
 
 def _table(study, storage: str, fmt: str, **over) -> str:
+    """The study's report as text: the comparison (or ablation) table with significance, CIs and paper numbers
+    (``over`` may override report keys), or the per-class / pseudo / cost / manifest tables when asked for; a
+    search study's best configs, importances and history."""
+    from sslray import tables
     from sslray.results import ResultsStore
-    from sslray.tables import comparison_table, render
 
     rep = study.report
-    df = ResultsStore(storage).load()
-    table = comparison_table(df, study.trials(unique=False), rows=over.get("rows") or rep.rows, cols=over.get("cols") or rep.cols,
-                             metric=over.get("metric") or rep.metric, agg=over.get("agg") or rep.agg,
-                             baseline=over.get("baseline") or rep.baseline)
-    return render(table, fmt)
+    store = ResultsStore(storage)
+    df = store.load()
+    if study.search is not None:
+        return "\n".join(tables.render(x, fmt) for x in tables.search_listings(study, df))
+    planned = study.trials(unique=False)
+    rows, cols = over.get("rows") or rep.rows, over.get("cols") or rep.cols
+    sections: list = []
+    if over.get("per_class"):
+        sections.append(tables.per_class_table(df, planned, rows, cols))
+    if over.get("pseudo"):
+        sections.append(tables.pseudo_table(df, store.load_history(), planned, rows, cols))
+    if over.get("cost"):
+        sections.append(tables.cost_listing(df, planned, rows, cols))
+    if over.get("manifest"):
+        sections.append(tables.manifest(df, planned, rows, cols))
+    if not sections:
+        sections.append(_main_table(study, df, planned, rows, cols, over))
+    return "\n".join(tables.render(s, fmt) for s in sections)
+
+
+def _main_table(study, df, planned, rows: str, cols: str, over: dict):
+    from sslray import tables
+
+    rep = study.report
+    metric, agg = over.get("metric") or rep.metric, over.get("agg") or rep.agg
+    baseline = over.get("baseline") or rep.baseline
+    if study.ablation is not None and rows == "variant" and baseline == study.ablation.baseline:
+        table = tables.ablation_table(study, df, metric, agg, cols)
+    else:
+        table = tables.comparison_table(df, planned, rows, cols, metric, agg, baseline)
+    alpha = over.get("alpha") if over.get("alpha") is not None else rep.alpha
+    table = tables.with_significance(table, over.get("significance") or rep.significance, alpha)
+    n_boot = over.get("bootstrap") if over.get("bootstrap") is not None else rep.bootstrap
+    if n_boot:
+        table = tables.with_bootstrap(table, df, n_boot)
+    paper = over.get("paper") or rep.paper_numbers
+    if paper:
+        table = tables.with_paper_numbers(table, tables.load_paper_numbers(paper))
+    return table
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -251,7 +381,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # --resume needs nothing extra: stored trials are skipped and unfinished ones find their checkpoints
         summary = ray_adapter.run_study(study, address=args.address, storage=storage,
                                         retry_failed=args.retry_failed, num_cpus=args.num_cpus,
-                                        max_failures=args.max_failures, overrides=tuple(args.overrides))
+                                        max_failures=args.max_failures, overrides=tuple(args.overrides),
+                                        plugins=tuple(args.plugins))
     finally:
         ray_adapter.shutdown()
     print()
@@ -291,10 +422,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     from sslray.study import load_study
 
-    study = load_study(args.study)
+    study = load_study(args.study, args.overrides)
     storage = os.path.abspath(args.storage or study.storage)
     print(_table(study, storage, args.format, metric=args.metric, rows=args.rows, cols=args.cols,
-                 baseline=args.baseline, agg=args.agg))
+                 baseline=args.baseline, agg=args.agg, significance=args.significance, alpha=args.alpha,
+                 bootstrap=args.bootstrap, paper=args.paper, per_class=args.per_class, pseudo=args.pseudo,
+                 cost=args.cost, manifest=args.manifest))
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from sslray.plots import plot_study
+    from sslray.results import ResultsStore
+    from sslray.study import load_study
+
+    study = load_study(args.study, args.overrides)
+    storage = os.path.abspath(args.storage or study.storage)
+    store = ResultsStore(storage)
+    df = store.load()
+    if len(df) == 0:
+        print(f"sslray: error: no stored results in {storage} (run the study first)", file=sys.stderr)
+        return EXIT_FAILED
+    for path in plot_study(study, df, store.load_history(), args.out or os.path.join(storage, "plots"), args.kind,
+                           args.format, storage, args.metric, args.agg):
+        print(path)
     return EXIT_OK
 
 
@@ -311,11 +462,39 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from sslray.data.synth_voc import write_synthetic_voc
+
+        cfg = TrialConfig.from_dict({"data": {"synthetic": {"size": args.size, "num_train": args.num_train,
+                                                            "num_val": args.num_val, "seed": args.seed}}},
+                                    source="sslray data synth").data.synthetic
+        meta = write_synthetic_voc(args.out, cfg, args.partitions or ("16", "32"), args.split_seed)
+        print(f"wrote {meta['num_train']} train + {meta['num_val']} val images ({meta['size']} px, "
+              f"{len(meta['class_names'])} classes) and partitions {', '.join(meta['partitions'])} to {args.out}")
+        print(f"train: sslray train --set data.dataset=synthetic_voc --set data.root={args.out} "
+              f"--set data.splits_dir={os.path.join(args.out, 'splits')} --set data.partition={meta['partitions'][0]}")
+        return EXIT_OK
+    from sslray.data.check import check_dataset
+    from sslray.data.datasets import DATASETS
+
+    if args.dataset not in DATASETS or args.dataset == "synthetic":
+        on_disk = ", ".join(n for n in sorted(DATASETS) if n != "synthetic")
+        raise ConfigError(None, "--dataset", f"expected a dataset on disk ({on_disk}), got {args.dataset!r}")
+    report = check_dataset(args.dataset, args.root, args.splits, splits_dir=args.splits_dir,
+                           mask_dir=args.mask_dir, workers=args.workers)
+    for line in report.error_lines():
+        print(line)
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "status": cmd_status, "table": cmd_table, "train": cmd_train,
-                "validate": cmd_validate, "list": cmd_list}
+                "validate": cmd_validate, "list": cmd_list, "data": cmd_data, "plot": cmd_plot}
     try:
+        load_plugins(getattr(args, "plugins", []))
         return commands[args.command](args)
     except ConfigError as e:
         print(f"sslray: error: {e}", file=sys.stderr)

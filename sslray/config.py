@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
 import json
+import os
 import re
 import types
 import typing
@@ -256,20 +258,80 @@ def yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
 
 
-def load_yaml(path: str) -> Any:
-    """Read a YAML file as data only (no Python tags), rejecting duplicate keys; errors name the file."""
+MAX_YAML_BYTES = 1 << 20
+# PyYAML's safe loader shares aliased nodes, so a few hundred bytes of nested anchors ("billion laughs") load
+# fine but expand to billions of values in anything that walks the data (deepcopy, flatten, our checks).
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(path: str, what: str = "YAML files") -> Any:
+    """Read a YAML file as data only (no Python tags), rejecting duplicate keys, files over ``MAX_YAML_BYTES``
+    (checked before reading) and alias trees over ``MAX_YAML_NODES`` values; errors name the file. ``what`` names
+    the kind of file in the size error."""
     try:
+        size = os.path.getsize(path)
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(path, "", f"file is {size} bytes; {what} are limited to {MAX_YAML_BYTES} bytes (1 MiB)")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(path, "", f"invalid YAML: {where}{problem}") from None
+    if _count_nodes(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(path, "", f"more than {MAX_YAML_NODES} values after expanding YAML aliases; refusing to "
+                                    "load (nested anchors multiply)")
+    return data
+
+
+def _count_nodes(obj: Any, limit: int) -> int:
+    """Values reachable from ``obj``, counting shared (aliased) ones each time; stops just past ``limit``, so the
+    count itself costs O(limit) even for an exponential alias tree."""
+    count, stack = 0, [obj]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+PLUGIN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PLUGINS_LOADED: set[str] = set()
+
+
+def load_plugins(modules: "list[str] | tuple[str, ...]") -> None:
+    """Import each ``--plugin`` module and call its ``register()`` (once per process).
+
+    The only way sslray runs code it was not shipped with: a study file is data and cannot name a module; the user
+    passes ``--plugin mypkg.sslray_ext`` on the command line, and Ray trials import the same list. ``register()``
+    adds entries to the explicit registries (``sslray.methods.METHOD_PRESETS``/``TERMS``,
+    ``sslray.data.datasets.DATASETS``).
+    """
+    for name in modules:
+        if name in _PLUGINS_LOADED:
+            continue
+        if not isinstance(name, str) or not PLUGIN_RE.fullmatch(name):
+            raise ConfigError("--plugin", str(name), "expected an importable module name like mypkg.sslray_ext")
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError("--plugin", name, f"cannot import: {e}") from None
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise ConfigError("--plugin", name, "has no register() function")
+        register()
+        _PLUGINS_LOADED.add(name)
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

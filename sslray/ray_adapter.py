@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -38,12 +39,16 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune banner or status tables; we print our own
+# Tune copies AWS_* credentials from the driver into every trial's runtime env, and at INFO Ray's runtime-env agent
+# writes that env, secrets included, to <ray temp>/session_*/logs/runtime_env_agent.log (measured with Ray 2.60).
+os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 import ray.tune  # noqa: E402
 
-from sslray.config import ConfigError, TrialConfig  # noqa: E402
+from sslray import tracking  # noqa: E402
+from sslray.config import ConfigError, TrialConfig, load_plugins  # noqa: E402
 from sslray.results import ResultsStore, make_row  # noqa: E402
 from sslray.study import PlannedTrial, Study  # noqa: E402
 
@@ -99,7 +104,7 @@ def _finish(spec: dict, cfg: TrialConfig, status: str, metrics: dict | None, rea
     return row
 
 
-def _write_trial_config(storage: str, cfg: TrialConfig) -> str:
+def _write_trial_config(storage: str, cfg: TrialConfig, plugins: list[str]) -> str:
     """Store the resolved config beside the trial's checkpoints; returns the command that reruns it alone."""
     import yaml
 
@@ -107,36 +112,54 @@ def _write_trial_config(storage: str, cfg: TrialConfig) -> str:
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, "config.yaml")
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
-    return f"sslray train {path} --out {d} --resume"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written config behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return f"sslray train {path} --out {d} --resume" + "".join(f" --plugin {m}" for m in plugins)
 
 
 def _fit_with(spec: dict, cfg: TrialConfig, runtime, reporter, resume_from) -> tuple[str, dict | None, str | None]:
     from sslray.methods import NonFiniteLossError
+    from sslray.tracking import TrialRun
     from sslray.trainer import fit
 
     out_dir = _trial_dir(spec["storage"], cfg.trial_id())
+    # W&B on the reporting process only: the trial actor, or rank 0 of the Train workers (ray.md section 4)
+    run = TrialRun.start(spec.get("tracking"), spec["study"], cfg, spec.get("cell")) if runtime.is_main else None
+    outcome: tuple[str, dict | None, str | None] = ("failed", None, "the trial process stopped before it returned")
     try:
-        metrics = fit(cfg, runtime, reporter, resume_from=resume_from, out_dir=out_dir)
-        return "ok", metrics, None
+        metrics = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
+                      out_dir=out_dir)
+        outcome = ("ok", metrics, None)
     except NonFiniteLossError as e:  # deterministic: retrying would fail the same way
-        return "failed", None, str(e)
+        outcome = ("failed", None, str(e))
     except (FileNotFoundError, ValueError) as e:  # bad data or config found at trial start
-        return "failed", None, f"{type(e).__name__}: {e}"
+        outcome = ("failed", None, f"{type(e).__name__}: {e}")
+    finally:
+        if run is not None:
+            run.finish(*outcome)
+    return outcome
 
 
 def trial_driver(config: dict) -> dict:
     """The Tune trial function: resolves the config, trains (here or on a Train worker group), stores the row."""
     spec = dict(config["sslray"])
+    load_plugins(spec["plugins"])
     if "params" in config:  # a search sample: dotted params from OptunaSearch
         study = _load_study_for_search(spec)
         cfg = study.trial_from_params(config["params"], spec["seed"])
         spec["cell"] = {**config["params"], "seed": spec["seed"]}
     else:
         cfg = TrialConfig.from_dict(spec["config"], source=f"study {spec['study']}")
-    spec["rerun"] = _write_trial_config(spec["storage"], cfg)
+        if cfg.trial_id() != spec["trial_id"]:  # its row would land under an id the driver never looks up
+            raise RuntimeError(f"trial {spec['trial_id'][:12]} resolves to {cfg.short_id()} on this node: its sslray "
+                               "code or plugins differ from the driver's")
+    spec["rerun"] = _write_trial_config(spec["storage"], cfg, spec["plugins"])
     t0 = time.time()
     if spec["resources"]["workers"] == 1:
         status, metrics, reason = _fit_in_actor(spec, cfg)
@@ -154,7 +177,10 @@ def _fit_in_actor(spec: dict, cfg: TrialConfig):
     def reporter(metrics: dict, checkpoint: str | None) -> None:
         ray.tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    return _fit_with(spec, cfg, Runtime.detect(cfg.run.device), reporter, "auto")
+    status, metrics, reason = _fit_with(spec, cfg, Runtime.detect(cfg.run.device), reporter, "auto")
+    if metrics is not None:  # where it ran (after a lost node: where the retry ran), like the Train workers report
+        metrics["_extra"] = {"nodes": [ray.get_runtime_context().get_node_id()]}
+    return status, metrics, reason
 
 
 def _fit_on_workers(spec: dict, cfg: TrialConfig):
@@ -192,6 +218,7 @@ def train_fn_per_worker(loop_config: dict) -> dict | None:
     from sslray.trainer import Runtime
 
     spec = loop_config["spec"]
+    load_plugins(spec["plugins"])
     cfg = TrialConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     runtime = Runtime.detect(cfg.run.device)
@@ -336,16 +363,22 @@ def plan(study: Study, storage: str, retry_failed: bool = False) -> tuple[list[P
 
 def run_study(study: Study, address: str | None = None, storage: str | None = None,
               retry_failed: bool = False, num_cpus: int | None = None, max_failures: int = 2,
-              overrides: tuple[str, ...] = (), verbose: bool = True) -> RunSummary:
-    """Run every missing trial of ``study`` on Ray and store one Parquet row per trial."""
+              overrides: tuple[str, ...] = (), verbose: bool = True, plugins: tuple[str, ...] = ()) -> RunSummary:
+    """Run every missing trial of ``study`` on Ray and store one Parquet row per trial.
+
+    What can be checked before anything starts is: the storage (writable, room left) and, for a local instance, what
+    one trial needs against this machine; a failure there creates no directory and starts no Ray. ``plugins`` are the
+    ``--plugin`` modules the study was loaded with (already imported here); every trial imports them too.
+    """
     t0 = time.time()
     storage = storage or study.storage
     if "://" in storage:
         raise ConfigError(study.path, "storage", f"{storage}: object-store URIs are not supported yet; use a path "
                                                  "that every node sees (local disk on one machine, NFS/EFS on a cluster)")
     storage = os.path.abspath(storage)
-    os.makedirs(storage, exist_ok=True)
-    _check_writable(storage, study.path)
+    _check_storage(storage, study.path)
+    if not address and not ray.is_initialized():
+        check_fits(study, _local_resources(num_cpus), study.path)
     todo, skipped = plan(study, storage, retry_failed)
     search = study.search is not None
     if not todo and not search:
@@ -355,14 +388,16 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     _init_ray(address, num_cpus, dashboard=study.resources.workers > 1 or bool(search and study.search.scheduler))
     cluster = ray.cluster_resources()
     check_fits(study, cluster, study.path)
+    os.makedirs(storage, exist_ok=True)
     n = study.search.num_samples if search else len(todo)
     concurrent = max_concurrent(study, cluster, n)
     res = study.resources
-    base_spec = {"study": study.name, "storage": storage, "max_failures": max_failures,
+    base_spec = {"study": study.name, "storage": storage, "max_failures": max_failures, "plugins": list(plugins),
                  "resources": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,
                                "gpus_per_worker": res.gpus_per_worker,
                                "placement": res.placement},
-                 "study_path": os.path.abspath(study.path), "overrides": list(overrides)}
+                 "study_path": os.path.abspath(study.path), "overrides": list(overrides),
+                 "tracking": tracking.settings_for(study, storage)}
     trainable = ray.tune.with_resources(trial_driver, trial_resources(study))
     labels = {p.trial_id: _label(p) for p in todo}
     metric = study.report.metric
@@ -388,6 +423,7 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     _store_errored(grid, storage)
     if search:
         _store_stopped(grid, study, storage)
+    tracking.log_study(study, storage, base_spec["tracking"])  # no-op when tracking is disabled
     store = ResultsStore(storage)
     ids = {p.trial_id for p in todo}
     ok_ids, failed_ids = store.ids("ok"), store.ids("failed")
@@ -477,14 +513,38 @@ def _domain(d: dict):
     raise ValueError(f"unknown distribution {kind!r}")
 
 
-def _check_writable(storage: str, source: str) -> None:
-    probe = os.path.join(storage, f".write_probe.{os.getpid()}")
+MIN_FREE_BYTES = 100 << 20  # a full disk, caught before the first checkpoint fails; not a size estimate
+
+
+def _check_storage(storage: str, source: str) -> None:
+    """Refuse a storage that cannot take the study's files, without creating anything: the probe is written (and
+    removed) in the deepest directory that exists, where ``makedirs`` would create the storage. Works for root too,
+    which ``os.access`` does not (root passes every permission check, but not a read-only mount or a full disk)."""
+    existing = storage
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(source, "storage", f"{storage} cannot be created: {existing} is a file, not a directory")
+    probe = os.path.join(existing, f".sslray_write_probe.{os.getpid()}")
     try:
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(source, "storage", f"{storage} is not writable: {e.strerror}") from None
+        if os.path.exists(probe):
+            os.remove(probe)
+        raise ConfigError(source, "storage", f"{storage} is not writable ({existing}: {e.strerror})") from None
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(source, "storage", f"{storage} has {free >> 20} MiB free; a study needs at least "
+                                             f"{MIN_FREE_BYTES >> 20} MiB for its checkpoints and results")
+
+
+def _local_resources(num_cpus: int | None) -> dict[str, float]:
+    """What the local instance ``_init_ray`` would start offers, known without starting it."""
+    import torch
+
+    return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count(), DRIVER_RESOURCE: 1000}
 
 
 def shutdown() -> None:

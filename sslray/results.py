@@ -45,7 +45,9 @@ TMP_PREFIX = ".tmp"
 # be a failed trial or a supervised one, and must still see the columns of the others.
 STANDARD_METRICS = ("iteration", "val/miou", "val/pixel_acc", "val/confusion", "best/val/miou", "best/iteration",
                     "train/loss", "train/lr", "train/mask_ratio", "train/pseudo_acc", "time/step_s",
-                    "time/images_per_s", "time/wall_s", "mem/peak_mb", "resumed_from")
+                    "time/images_per_s", "time/wall_s", "mem/peak_mb", "resumed_from", "val/per_image")
+# JSON-encoded arrays of the final evaluation: in the row, never in the history files.
+ARRAY_METRICS = ("val/confusion", "val/per_image")
 VERSIONED_PACKAGES = ("torch", "torchvision", "ray", "optuna", "pandas", "pyarrow", "wandb", "sslray")
 
 # Columns whose Arrow type does not follow from the value (it may be None in one file and set in another).
@@ -56,6 +58,7 @@ FIXED_TYPES: dict[str, pa.DataType] = {
     "best/iteration": pa.int64(), "wall_s": pa.float64(), "device": pa.string(), "gpu_hours": pa.float64(),
     "cpu_hours": pa.float64(), "git_sha": pa.string(), "git_dirty": pa.bool_(), "split_sha256": pa.string(),
     "versions": pa.string(), "created_at": pa.string(), "rerun": pa.string(), "val/confusion": pa.string(),
+    "val/per_image": pa.string(),
 }
 EXTRA_KEYS = ("gpus", "cpus", "split_sha256", "rerun")
 
@@ -261,7 +264,7 @@ class ResultsStore:
         hist_dst = self.history_dir / dst.name
         if history:
             # the row's metric columns, so that every history file has them too (see STANDARD_METRICS)
-            metric_keys = {k: None for k in row if ("/" in k or k == "iteration") and k != "val/confusion"}
+            metric_keys = {k: None for k in row if ("/" in k or k == "iteration") and k not in ARRAY_METRICS}
             rows = [{"study": row["study"], "trial_id": trial_id, **metric_keys,
                      **{k: _scalar(v) for k, v in h.items()}} for h in history]
             _atomic_write(_to_table(rows, str(hist_dst)), hist_dst)
@@ -317,9 +320,11 @@ def _atomic_write(table: pa.Table, dst: Path) -> None:
             f.flush()
             os.fsync(f.fileno())  # the rename must not land before the bytes do
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # a full disk: say which file could not be stored
+            raise OSError(e.errno, f"cannot write {dst}: {e.strerror}") from None
         raise
 
 

@@ -32,14 +32,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from sslray.config import (ConfigError, MethodConfig, TrialConfig, apply_overrides, flatten, get_dotted,
-                           load_yaml, set_dotted)
+from sslray.config import (MAX_YAML_BYTES, ConfigError, MethodConfig, TrialConfig, apply_overrides, flatten,
+                           get_dotted, load_yaml, set_dotted)
 
-STUDY_KEYS = ("name", "base", "grid", "ablation", "seeds", "search", "resources", "report", "storage")
-MAX_FILE_BYTES = 1 << 20
-# PyYAML's safe loader shares aliased nodes, so a few hundred bytes of nested anchors ("billion laughs") load
-# fine but expand to billions of values in anything that walks the data (deepcopy, flatten, our checks).
-MAX_NODES = 100_000
+STUDY_KEYS = ("name", "base", "grid", "ablation", "seeds", "search", "resources", "report", "storage", "tracking")
+WANDB_MODES = ("offline", "online", "disabled")
+MAX_FILE_BYTES = MAX_YAML_BYTES  # load_yaml refuses bigger files before reading, and alias bombs after
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 SAMPLERS = ("tpe", "gp", "random", "grid", "bruteforce")
@@ -85,13 +83,32 @@ class Resources:
 @dataclass(frozen=True)
 class ReportSpec:
     """The comparison table: ``rows`` and ``cols`` are dotted config keys or ``"variant"``; ``agg`` is ``last`` (the
-    final evaluation) or ``best`` (the ``best/<metric>`` columns); ``baseline`` is a row label for the delta columns."""
+    final evaluation) or ``best`` (the ``best/<metric>`` columns); ``baseline`` is a row label for the delta columns.
+
+    Against the baseline: ``significance`` is the paired test over seeds (``auto``: exact Wilcoxon from 6 seeds on,
+    else a paired t-test; ``t``, ``wilcoxon``, ``none``), Holm-corrected at ``alpha``; ``bootstrap`` resamples of the
+    validation images give CIs (0: off). ``paper_numbers`` is a YAML file of published numbers printed beside the
+    reproduced ones (path relative to the study file; format in ``sslray.tables.load_paper_numbers``)."""
 
     rows: str = "method.name"
     cols: str = "data.partition"
     metric: str = "val/miou"
     agg: str = "last"
     baseline: str | None = None
+    significance: str = "auto"
+    alpha: float = 0.05
+    bootstrap: int = 0
+    paper_numbers: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """W&B: ``wandb`` is ``offline`` (runs written under the study's storage, ``wandb sync`` later), ``online`` or
+    ``disabled``; None (not written) means the ``WANDB_MODE`` environment variable, else offline."""
+
+    wandb: str | None = None
+    project: str = "sslray"
+    entity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,7 @@ class Study:
     report: ReportSpec
     storage: str
     base_dict: dict = dataclasses.field(repr=False, compare=False)
+    tracking: TrackingSpec = TrackingSpec()
 
     def trials(self, unique: bool = True) -> list[PlannedTrial]:
         """Every trial of a grid / ablation study; ``[]`` for a search study (its searcher proposes the trials, see
@@ -225,47 +243,21 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
                                                   "configs (put fixed values in base, one study per setting)")
     study = Study(name=name, path=path, base=base, grid=grid, ablation=ablation, seeds=seeds, search=search,
                   resources=_resources(raw.get("resources"), path),
-                  report=ReportSpec(), storage=_storage(raw.get("storage"), name, path), base_dict=base_dict)
+                  report=ReportSpec(), storage=_storage(raw.get("storage"), name, path), base_dict=base_dict,
+                  tracking=_tracking(raw.get("tracking"), path))
     planned = study.trials(unique=False)  # builds every cell once: combinations fail here, not on the cluster
     report = _report(raw.get("report"), path, grid, ablation, planned)
     return dataclasses.replace(study, report=report)
 
 
 def _read(path: str) -> dict:
-    """The file's top-level mapping, refusing oversized files before parsing and alias bombs after."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
-    if size > MAX_FILE_BYTES:
-        raise ConfigError(path, "", f"file is {size} bytes; study files are limited to {MAX_FILE_BYTES} bytes (1 MiB)")
-    try:
-        raw = load_yaml(path)
-    except UnicodeDecodeError as e:
-        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
-    if _count_nodes(raw, MAX_NODES) > MAX_NODES:
-        raise ConfigError(path, "", f"more than {MAX_NODES} values after expanding YAML aliases; refusing to load "
-                                    "(nested anchors multiply)")
+    """The file's top-level mapping (load_yaml refuses oversized files before parsing and alias bombs after)."""
+    raw = load_yaml(path, what="study files")
     if raw is None:
         raise ConfigError(path, "", "the file is empty (a study needs at least a name)")
     if not isinstance(raw, dict):
         raise ConfigError(path, "", f"expected a mapping at the top level, got {type(raw).__name__}")
     return raw
-
-
-def _count_nodes(obj: Any, limit: int) -> int:
-    """Values reachable from ``obj``, counting shared (aliased) ones each time; stops just past ``limit``, so the
-    count itself costs O(limit) even for an exponential alias tree."""
-    count, stack = 0, [obj]
-    while stack and count <= limit:
-        node = stack.pop()
-        count += 1
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return count
 
 
 def _name(raw: dict, path: str) -> str:
@@ -312,6 +304,8 @@ def _grid(section: Any, path: str, base_dict: dict, overrides: Sequence[str]) ->
         return {}
     if not isinstance(section, dict):
         raise ConfigError(path, "grid", f"expected a mapping of dotted key -> list of values, got {section!r}")
+    if not section:  # written but empty: the axes were forgotten, and the study would silently run the base alone
+        raise ConfigError(path, "grid", "is empty; list at least one axis (dotted key: [values]) or remove it")
     set_keys = {o.split("=", 1)[0].strip() for o in overrides}
     grid = {}
     for key, values in section.items():
@@ -401,7 +395,10 @@ def _resources(section: Any, path: str) -> Resources:
             continue
         if key != "workers" and not (_is_number(v) and v >= 0):
             raise ConfigError(path, where, f"expected a number >= 0, got {v!r}")
-    return Resources(**section)
+    res = Resources(**section)
+    if res.cpus_per_worker == 0 and res.gpus_per_worker == 0:  # Ray cannot schedule a request for nothing
+        raise ConfigError(path, "resources", "cpus_per_worker and gpus_per_worker are both 0; a worker needs some")
+    return res
 
 
 def _storage(value: Any, name: str, path: str) -> str:
@@ -409,6 +406,9 @@ def _storage(value: Any, name: str, path: str) -> str:
         return f"runs/{name}"
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(path, "storage", f"expected a path or URI (a non-empty string), got {value!r}")
+    if ".." in re.split(r"[/\\]", value):  # every write of the study goes under this one directory
+        raise ConfigError(path, "storage", f"{value!r} climbs out with '..'; write the directory you mean "
+                                           "(absolute, or relative to where sslray runs) or pass --storage")
     return value
 
 
@@ -437,6 +437,52 @@ def _report(section: Any, path: str, grid: dict[str, list], ablation: Ablation |
         raise ConfigError(path, "report.agg", f"expected one of {list(AGGS)}, got {spec.agg!r}")
     if spec.baseline is not None:
         _report_baseline(spec, path, planned)
+    return _report_stats(spec, path)
+
+
+def _report_stats(spec: ReportSpec, path: str) -> ReportSpec:
+    """Check significance / alpha / bootstrap, and read the paper numbers now (their errors name their own file);
+    ``paper_numbers`` is returned resolved against the study file's directory."""
+    from sslray.stats import TESTS
+
+    _choice(spec.significance, TESTS, "report.significance", path)
+    if not (_is_number(spec.alpha) and 0 < spec.alpha < 1):
+        raise ConfigError(path, "report.alpha", f"expected a number between 0 and 1, got {spec.alpha!r}")
+    if not (_is_int(spec.bootstrap) and spec.bootstrap >= 0):
+        raise ConfigError(path, "report.bootstrap", f"expected a number of resamples >= 0, got {spec.bootstrap!r}")
+    if spec.paper_numbers is None:
+        return spec
+    if not isinstance(spec.paper_numbers, str) or not spec.paper_numbers.strip():
+        raise ConfigError(path, "report.paper_numbers", f"expected a YAML file path, got {spec.paper_numbers!r}")
+    resolved = os.path.join(os.path.dirname(os.path.abspath(path)), spec.paper_numbers)
+    if not os.path.isfile(resolved):
+        raise ConfigError(path, "report.paper_numbers", f"no such file: {resolved}")
+    from sslray.tables import load_paper_numbers  # late: tables imports this module
+
+    paper = load_paper_numbers(resolved)
+    if paper.metric is not None and paper.metric != spec.metric:
+        raise ConfigError(path, "report.paper_numbers", f"{resolved} holds {paper.metric}, the report shows "
+                                                        f"{spec.metric}")
+    return dataclasses.replace(spec, paper_numbers=resolved)
+
+
+def _tracking(section: Any, path: str) -> TrackingSpec:
+    if section is None:
+        return TrackingSpec()
+    if not isinstance(section, dict):
+        raise ConfigError(path, "tracking", f"expected a mapping like {{wandb: offline}}, got {section!r}")
+    names = [f.name for f in dataclasses.fields(TrackingSpec)]
+    for key in section:
+        if key not in names:
+            raise ConfigError(path, f"tracking.{key}", f"unknown key (expected one of: {', '.join(names)})")
+    spec = TrackingSpec(**section)
+    if spec.wandb is not None:
+        _choice(spec.wandb, WANDB_MODES, "tracking.wandb", path)
+    if not isinstance(spec.project, str) or not NAME_RE.fullmatch(spec.project):
+        raise ConfigError(path, "tracking.project", f"expected a W&B project name ([A-Za-z0-9_.-]+), got "
+                                                    f"{spec.project!r}")
+    if spec.entity is not None and (not isinstance(spec.entity, str) or not spec.entity.strip()):
+        raise ConfigError(path, "tracking.entity", f"expected a W&B entity (user or team) name, got {spec.entity!r}")
     return spec
 
 
@@ -704,10 +750,14 @@ def _relocate(e: ConfigError, sets: Mapping[str, Any], path: str, prefix: str, r
 
 
 def _check_semantics(cfg: TrialConfig) -> None:
-    """Checks that need more than one field: the dataset exists and the partition fits its pool."""
+    """Checks that need more than one field or the study: the dataset exists, the partition fits its pool, and the
+    trial leaves its output directory to the study (all writes stay under the storage)."""
     from sslray.data.datasets import DATASETS, list_datasets
     from sslray.data.splits import parse_partition_spec
 
+    if cfg.run.out_dir is not None:
+        raise ConfigError(None, "run.out_dir", "set by the study (every trial writes under <storage>/trials/<trial "
+                                               "id>); remove it and choose the storage instead")
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(None, "data.dataset",
                           f"unknown dataset {cfg.data.dataset!r} (known: {', '.join(list_datasets())})")

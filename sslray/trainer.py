@@ -33,6 +33,8 @@ from sslray.teacher_student import TeacherStudent
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 CHECKPOINT_FILE = "state.pt"
+# Per-evaluation arrays kept only for the final metrics (the results row), not in every history entry.
+NOT_IN_HISTORY = ("val/confusion", "val/per_image")
 
 
 @dataclass
@@ -92,12 +94,22 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(directory: str, state: dict) -> str:
-    """Write ``directory/state.pt`` atomically (tmp + rename) so a crash never leaves half a checkpoint."""
+    """Write ``directory/state.pt`` atomically (tmp + rename) so a crash never leaves half a checkpoint, and a failed
+    write (disk full) leaves no temp file and says which file and why."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CHECKPOINT_FILE)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # our file object: torch's writer keeps the OSError as the context
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:  # torch raises "enforce fail ... unexpected pos"
+            raise OSError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror}") from None
+        raise
     return directory
 
 
@@ -234,7 +246,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     def validate() -> dict[str, Any]:
         eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else model
         return evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, device,
-                        data.class_names, data.ignore_index, rank, world, amp_dtype)
+                        data.class_names, data.ignore_index, rank, world, amp_dtype, per_image=True)
 
     meter, bar = _Meter(), _progress(cfg, runtime, start)
     images_per_step = cfg.data.batch_size_x + (cfg.data.batch_size_u if needs_u else 0)
@@ -287,7 +299,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
                 best = {"best/val/miou": val["val/miou"], "best/iteration": it + 1}
             metrics.update(best)
             metrics["time/wall_s"] = time.perf_counter() - t_start
-            history.append({k: v for k, v in metrics.items() if k != "val/confusion"})
+            history.append({k: v for k, v in metrics.items() if k not in NOT_IN_HISTORY})
             checkpoint = None
             if cfg.run.checkpoint:
                 rng_all = _gather_rng(device, world)

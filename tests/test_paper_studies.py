@@ -127,9 +127,10 @@ def _epoch(n_unlabeled: int) -> int:
 def test_paper_studies_follow_unimatch(study, dataset, epochs, crop):
     s = load_study(PAPER[study])
     trials = s.trials()
-    assert {t.config.method.name for t in trials} == {"supervised", "fixmatch", "unimatch"}
+    methods = {"supervised", "fixmatch", "unimatch", "ipixmatch", "guidedmix", "pcr", "mllc"}
+    assert {t.config.method.name for t in trials} == methods
     assert {t.seed for t in trials} == {0, 1, 2}
-    assert len(trials) == 3 * 3 * (1 + len(s.ablation.variants))
+    assert len(trials) == len(methods) * 3 * (1 + len(s.ablation.variants))
     for t in trials:
         c = t.config
         n_unl = DOCUMENTED[f"{dataset}/{c.data.partition}"][1]
@@ -147,4 +148,4 @@ def test_paper_studies_follow_unimatch(study, dataset, epochs, crop):
             assert c.data.eval_mode is None and c.method.conf_thresh == 0.95
     assert (s.report.rows, s.report.cols, s.report.agg) == ("method.name", "variant", "best")
     text = open(PAPER[study]).read()
-    assert text.startswith(f"# sslray run studies/{study}.yaml") and "# founding methods: added with issue 4" in text
+    assert text.startswith(f"# sslray run studies/{study}.yaml") and "# The four founding methods run standalone" in text

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from sslray import cli
 from sslray.config import TrialConfig
 from sslray.results import ResultsStore
 from sslray.study import load_study
@@ -90,35 +91,63 @@ def test_dry_run_prints_plan_without_ray(tmp_path):
     assert not (tmp_path / "ray_tune").exists()
 
 
-def test_killed_driver_then_resume_runs_only_what_is_missing(tmp_path):
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the session ``sid`` (the driver started with start_new_session, and the Ray processes
+    it started): only what this test started, unlike ``ray stop``, which stops every Ray process on the host."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                session = int(f.read().rsplit(")", 1)[1].split()[3])
+            if session == sid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            continue
+
+
+@pytest.mark.reliability
+def test_killed_driver_then_resume_runs_only_what_is_missing(tmp_path, capsys):
     study = {"name": "resume", "base": {**TINY_BASE, "train": {"iterations": 60, "eval_every": 5}},
-             "grid": {"method.name": ["supervised", "fixmatch"]}, "seeds": [0],
+             "grid": {"optim.lr": [0.01, 0.02, 0.03]}, "report": {"rows": "optim.lr"}, "seeds": [0],
              "storage": str(tmp_path / "store")}
     path = write_study(tmp_path, study)
     storage = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "sslray", "run", path, "--num-cpus", "1"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    ckpts: list[Path] = []
-    while time.time() < deadline and not ckpts:  # kill once the first trial has checkpointed mid-way
-        ckpts = [p for p in storage.glob("trials/*/checkpoint/state.pt")]
-        time.sleep(0.2)
-    assert ckpts, "no checkpoint appeared"
-    first = ckpts[0].parents[1].name
-    os.killpg(proc.pid, signal.SIGKILL)
+    planned = [t.trial_id for t in load_study(path).trials()]
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sslray", "run", path, "--num-cpus", "1"], cwd=ROOT, env=ENV,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    done: list[str] = []
+    started: list[str] = []
+    while time.time() < deadline and not (done and started):  # kill with one trial stored and the next mid-way
+        done = [p.stem for p in storage.glob("results/*.parquet") if not p.name.startswith(".")]  # not temp files
+        started = [p.parents[1].name for p in storage.glob("trials/*/checkpoint/state.pt")
+                   if p.parents[1].name not in done]
+        time.sleep(0.05)
+    kill_session(proc.pid)
     proc.wait(timeout=60)
-    subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+    assert done and started, (tmp_path / "run.log").read_text()[-3000:]
     stored_before = ResultsStore(str(storage)).ids()
-    assert first not in stored_before
+    assert started[0] not in stored_before and set(done) <= stored_before
+    mtimes = {p.name: p.stat().st_mtime_ns for p in storage.glob("results/*.parquet") if not p.name.startswith(".")}
 
-    out = sslray("status", path).stdout
-    assert "started" in out  # the interrupted trial shows its checkpoint
-    sslray("run", path, "--resume", "--num-cpus", "1")
+    assert cli.main(["status", path]) == 0
+    before = capsys.readouterr().out
+    n_done = len(stored_before)
+    assert f"{n_done} done, 0 failed, 1 started, {len(planned) - n_done - 1} missing" in before, before
+    assert f"started  {started[0][:12]}" in before  # the interrupted trial shows its checkpoint
+    out = sslray("run", path, "--resume", "--num-cpus", "1").stdout
+    assert f"{len(planned) - n_done} trials ({n_done} already stored)" in out  # only what is missing runs
+    assert cli.main(["status", path]) == 0
+    after = capsys.readouterr().out
+    assert f"{len(planned)} done, 0 failed, 0 started, 0 missing" in after, after
     df = ResultsStore(str(storage)).load()
-    assert len(df) == 2 and df["trial_id"].is_unique and set(df["status"]) == {"ok"}
-    row = df.set_index("trial_id").loc[first]
-    assert row["resumed_from"] > 0  # continued from its checkpoint, not from scratch
-    assert row["iteration"] == 60
+    assert sorted(df["trial_id"]) == sorted(planned) and set(df["status"]) == {"ok"}  # none lost, none twice
+    assert {p.name: p.stat().st_mtime_ns for p in storage.glob("results/*.parquet") if p.name in mtimes} == mtimes
+    rows = df.set_index("trial_id")
+    assert rows.loc[started[0], "resumed_from"] > 0  # continued from its checkpoint, not from scratch
+    assert (rows["iteration"] == 60).all()
+    hist = ResultsStore(str(storage)).load_history()
+    assert not hist.duplicated(["trial_id", "iteration"]).any()
 
 
 def test_optuna_search_samples_the_declared_space(tmp_path):
