@@ -17,7 +17,7 @@ from sslray.teacher_student import StepOutputs, TeacherStudent, confidence
 from sslray.trainer import Runtime, fit
 
 from test_method_infra import _batches
-from test_trainer import tiny
+from test_trainer import checkpoint, crash_then_resume, tiny
 
 K = 3
 
@@ -333,17 +333,8 @@ def test_fit_trains_the_mix_head_and_resume_equals_uninterrupted(tmp_path):
     state = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)["method"]
     assert not torch.equal(state["guidedmix.head.2.weight"], first["method"]["guidedmix.head.2.weight"])
 
-    class Crash(Exception):
-        pass
-
-    def crash(metrics, ckpt):
-        if metrics["iteration"] == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, Runtime(), crash, out_dir=str(tmp_path / "cut"))
-    resumed = fit(cfg, Runtime(), None, out_dir=str(tmp_path / "cut"), resume_from="auto")
-    cut = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)["method"]
+    resumed, _, _ = crash_then_resume(cfg, tmp_path, at=2)
+    cut = checkpoint(tmp_path / "cut")["method"]
     for k in state:
         torch.testing.assert_close(cut[k], state[k], rtol=0, atol=0)
     assert resumed["val/confusion"] == full["val/confusion"]

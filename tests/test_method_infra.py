@@ -17,7 +17,7 @@ from sslray.models import build_model
 from sslray.teacher_student import TeacherStudent
 from sslray.trainer import Runtime, fit
 
-from test_trainer import TINY, tiny
+from test_trainer import TINY, checkpoint, crash_then_resume, tiny
 
 
 def _batches(bx=2, bu=3, size=32, seed=0):
@@ -133,17 +133,8 @@ def test_family_module_trains_checkpoints_and_resumes(toy, tmp_path):
     assert float(state["toy.seen"].sum()) == 6 * pixels_per_step
     assert "train/toy/seen" in reports[-1] and "train/loss/toy" in reports[-1]
 
-    class Crash(Exception):
-        pass
-
-    def crash(metrics, ckpt):
-        if metrics["iteration"] == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, Runtime(), crash, out_dir=str(tmp_path / "cut"))
-    resumed = fit(cfg, Runtime(), None, out_dir=str(tmp_path / "cut"), resume_from="auto")
-    cut = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)["method"]
+    resumed, _, _ = crash_then_resume(cfg, tmp_path, at=3)
+    cut = checkpoint(tmp_path / "cut")["method"]
     for k in state:
         torch.testing.assert_close(cut[k], state[k], rtol=0, atol=0)
     assert resumed["val/confusion"] == full["val/confusion"]

@@ -19,6 +19,7 @@ from sslray.models import build_model, upsample
 from sslray.study import load_study
 from sslray.teacher_student import StepOutputs, TeacherStudent, confidence
 from sslray.trainer import Runtime, fit
+from test_trainer import checkpoint, crash_then_resume
 
 K, D0 = 3, 6  # classes, decoder feature width of the fake model dicts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,20 +512,9 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
     assert all(math.isfinite(m["train/loss"]) for m in reports)
     assert reports[-1]["train/loss/mllc_proto"] > 0 and reports[-1]["train/loss/mllc_pair"] > 0
 
-    class Crash(Exception):
-        pass
-
-    def crash(metrics, ckpt):
-        if metrics["iteration"] == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, Runtime(), crash, out_dir=str(tmp_path / "cut"))
-    resumed = []
-    fit(cfg, Runtime(), lambda m, c: resumed.append(m), resume_from="auto", out_dir=str(tmp_path / "cut"))
+    _, resumed, _ = crash_then_resume(cfg, tmp_path, at=3)
     assert resumed[-1]["train/loss"] == pytest.approx(reports[-1]["train/loss"], rel=1e-6)
-    a = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)
+    a, b = checkpoint(tmp_path / "full"), checkpoint(tmp_path / "cut")
     for part in ("model", "method"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0)

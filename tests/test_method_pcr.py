@@ -19,7 +19,7 @@ from sslray.methods.pcr import (EntropyDropConfig, EntropyDropModule, PCRConfig,
 from sslray.teacher_student import StepOutputs, confidence
 from sslray.trainer import Runtime, fit
 
-from test_trainer import tiny
+from test_trainer import checkpoint, crash_then_resume, tiny
 
 C, D = 2, 3  # classes, feature channels of the hand-built outputs
 
@@ -379,19 +379,9 @@ def test_resume_equals_uninterrupted_with_updating_prototypes(tmp_path):
     full = []
     fit(cfg, Runtime(), lambda m, c: full.append(m), out_dir=str(tmp_path / "full"))
 
-    class Crash(Exception):
-        pass
-
-    def crash(metrics, ckpt):
-        if metrics["iteration"] == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, Runtime(), crash, out_dir=str(tmp_path / "cut"))
-    mid = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)["method"]
-    resumed = []
-    fit(cfg, Runtime(), lambda m, c: resumed.append(m), out_dir=str(tmp_path / "cut"), resume_from="auto")
-    a, b = (torch.load(tmp_path / d / "checkpoint" / "state.pt", weights_only=False) for d in ("full", "cut"))
+    _, resumed, mid = crash_then_resume(cfg, tmp_path, at=3)
+    mid = mid["method"]
+    a, b = checkpoint(tmp_path / "full"), checkpoint(tmp_path / "cut")
     assert int(mid["pcr.ready"]) == 1 and mid["pcr.bank"].numel() == 0  # initialised at iteration 2 of 6
     assert not torch.equal(mid["pcr.protos"], a["method"]["pcr.protos"])  # still moving after the checkpoint
     assert torch.equal(a["method"]["pcr.protos"], b["method"]["pcr.protos"])

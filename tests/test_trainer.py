@@ -36,6 +36,29 @@ def run(cfg, tmp_path, name="run", **kw):
     return out, reports
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_then_resume(cfg, tmp_path, at: int, name="cut"):
+    """Train ``cfg`` into ``tmp_path/name`` until the report at iteration ``at`` (checkpoint written), crash
+    there, then resume from that checkpoint; returns (final metrics, reports of the resumed run, the state
+    of the checkpoint the resume started from)."""
+    def crash(metrics, ckpt):
+        if metrics["iteration"] == at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, Runtime(), crash, out_dir=str(tmp_path / name))
+    mid = checkpoint(tmp_path / name)
+    out, reports = run(cfg, tmp_path, name, resume_from="auto")
+    return out, [m for m, _ in reports], mid
+
+
+def checkpoint(out_dir) -> dict:
+    return torch.load(os.path.join(out_dir, "checkpoint", "state.pt"), weights_only=False)
+
+
 # Pinned on torch 2.15 CPU. A change means the step's arithmetic changed: check why before re-pinning.
 # Re-pinned (issue 5) when the blur became UniMatch's PIL GaussianBlur and the weak view started resizing only the
 # kept crop (image values within 2 of the full resize, see tests/test_data_transforms.py).
@@ -73,22 +96,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny(**{"method.name": "unimatch", "method.conf_thresh": 0.5, "train.iterations": 6,
                   "train.eval_every": 3})
     full, full_reports = run(cfg, tmp_path, "full")
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_first_checkpoint(metrics, ckpt):
-        if metrics["iteration"] == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fit(cfg, Runtime(), crash_after_first_checkpoint, out_dir=str(tmp_path / "cut"))
-    resumed, resumed_reports = run(cfg, tmp_path, "cut", resume_from="auto")
-    assert [m["iteration"] for m, _ in resumed_reports] == [6]
+    resumed, resumed_reports, _ = crash_then_resume(cfg, tmp_path, at=3)
+    assert [m["iteration"] for m in resumed_reports] == [6]
     assert resumed["val/confusion"] == full["val/confusion"]
-    assert resumed_reports[-1][0]["train/loss"] == pytest.approx(full_reports[-1][0]["train/loss"], rel=1e-6)
-    a = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)["model"]
+    assert resumed_reports[-1]["train/loss"] == pytest.approx(full_reports[-1][0]["train/loss"], rel=1e-6)
+    a, b = checkpoint(tmp_path / "full")["model"], checkpoint(tmp_path / "cut")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
