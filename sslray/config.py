@@ -529,7 +529,23 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
         kwargs[k] = _coerce(hints[k], v, p + k, source)
     obj = MethodConfig(**kwargs)
     _check(obj, path, source)
+    _check_families(obj, p, source)
     return obj
+
+
+def _check_families(method: MethodConfig, prefix: str, source: str | None) -> None:
+    """Settings that must agree across the active terms of one family (e.g. PCR's shared prototypes)."""
+    from sslray.methods import FAMILIES, TERMS
+
+    by_family: dict[str, dict[str, TermConfig]] = {}
+    for name, tcfg in method.terms.items():
+        family = TERMS[name].family
+        if tcfg.weight > 0 and family is not None:
+            by_family.setdefault(family, {})[name] = tcfg
+    for family, terms in by_family.items():
+        check = FAMILIES[family].check
+        for key, message in (check(terms) if check is not None else []):
+            raise ConfigError(source, f"{prefix}terms.{key}", message)
 
 
 _CHOICES = {

@@ -291,10 +291,11 @@ def test_config_errors_name_the_key():
         TrialConfig.from_dict({"method": {"name": "guidedmix", "terms": {"guidedmix": {"lambda_max": 0}}}})
     with pytest.raises(ConfigError, match=r"method\.terms\.guidedmix\.mode"):
         TrialConfig.from_dict({"method": {"name": "guidedmix", "terms": {"guidedmix": {"mode": "tpami"}}}})
-    with pytest.raises(ValueError, match="guidedmix_mix: needs the term guidedmix with mode paper"):
-        method_of("guidedmix", terms={"guidedmix_mix": {"weight": 1.0}})
-    with pytest.raises(ValueError, match="guidedmix.mitrans: in paper mode"):
-        method_of("guidedmix_paper", terms={"guidedmix": {"mitrans": True}})
+    # inconsistent terms of the family: refused when the config is read, before anything is built
+    with pytest.raises(ConfigError, match=r"method\.terms\.guidedmix_mix\.weight: needs the term guidedmix with mode "):
+        TrialConfig.from_dict({"method": {"name": "guidedmix", "terms": {"guidedmix_mix": {"weight": 1.0}}}})
+    with pytest.raises(ConfigError, match=r"method\.terms\.guidedmix\.mitrans: in paper mode"):
+        TrialConfig.from_dict({"method": {"name": "guidedmix_paper", "terms": {"guidedmix": {"mitrans": True}}}})
 
 
 def test_presets_standalone_and_composed():

@@ -468,8 +468,8 @@ def test_settings_are_validated_with_their_key():
         term, setting, value = over
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             TrialConfig.from_dict({"method": {"name": "mllc", "terms": {term: {setting: value}}}})
-    with pytest.raises(ValueError, match="need method.terms.mllc_x"):
-        make_method(**{"mllc_x": {"weight": 0}})
+    with pytest.raises(ConfigError, match=r"method\.terms\.mllc_x\.weight: mllc_proto, mllc_u need mllc_x"):
+        TrialConfig.from_dict({"method": {"name": "mllc", "terms": {"mllc_x": {"weight": 0}}}})
 
 
 def test_presets_compose_with_every_base():

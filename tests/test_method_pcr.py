@@ -305,9 +305,11 @@ def test_settings_validated_and_shared():
         TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"u_drop": {"drop_percent": 120}}}})
     with pytest.raises(ConfigError, match=r"method\.terms\.pcr_x\.init: expected one of \['kmeans', 'random'\]"):
         TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_x": {"init": "pickle"}}}})
-    cfg = TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_u": {"num_protos": 1}}}}).method
-    with pytest.raises(ValueError, match=r"method\.terms\.pcr_u\.num_protos = 1 differs from method\.terms\.pcr_x"):
-        build_method(cfg, C, feature_dims={"features": D})
+    # shared settings that disagree: refused when the config is read (and by build_pcr itself)
+    with pytest.raises(ConfigError, match=r"method\.terms\.pcr_u\.num_protos: 1 differs from method\.terms\.pcr_x"):
+        TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_u": {"num_protos": 1}}}})
+    with pytest.raises(ValueError, match=r"method\.terms\.pcr_u\.num_protos: 1 differs from method\.terms\.pcr_x"):
+        build_pcr({"pcr_x": PCRConfig(), "pcr_u": PCRConfig(num_protos=1)}, ModuleContext(C, feature_dims={"features": D}))
     cfg = TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_x": {"weight": 0}}}}).method
     m = build_method(cfg, C, feature_dims={"features": D})  # one term off: the other's settings rule alone
     assert set(m.modules) == {"pcr", "u2pl"} and m.modules["pcr"].protos.shape == (C * 4, D)

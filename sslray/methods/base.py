@@ -45,10 +45,21 @@ class Term:
 
 @dataclass(frozen=True)
 class Family:
-    """Builds the heads/state shared by a family's terms: ``build(active term settings, ModuleContext)``."""
+    """Builds the heads/state shared by a family's terms: ``build(active term settings, ModuleContext)``.
+
+    ``check(active term settings)`` returns what is inconsistent across the family's terms as (``<term>.<setting>``,
+    message) pairs; config validation calls it, so a study with such a method fails before anything starts.
+    """
 
     build: Callable[[dict[str, Any], "ModuleContext"], "MethodModule"]
     doc: str
+    check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+
+
+def raise_problems(problems: list[tuple[str, str]]) -> None:
+    """For a family's ``build``: the first problem of its ``check`` as a ValueError naming the dotted key."""
+    for key, message in problems:
+        raise ValueError(f"method.terms.{key}: {message}")
 
 
 @dataclass(frozen=True)

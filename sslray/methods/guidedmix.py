@@ -87,7 +87,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sslray.config import TermConfig
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term
+from sslray.methods.base import Family, MethodModule, ModuleContext, Term, raise_problems
 from sslray.models import init_weights, upsample
 
 
@@ -233,6 +233,18 @@ class MITrans(nn.Module):
 # the family module
 
 
+def check(terms: dict[str, TermConfig]) -> list[tuple[str, str]]:
+    """guidedmix_mix shares guidedmix's (paper-mode) mixing; paper-mode MITrans is trained only by guidedmix_mix."""
+    cfg = terms.get("guidedmix")
+    if cfg is None or cfg.mode != "paper" and "guidedmix_mix" in terms:
+        return [("guidedmix_mix.weight", "needs the term guidedmix with mode paper and a weight > 0 (it shares its "
+                                         "mixing settings)")]
+    if cfg.mode == "paper" and cfg.mitrans and "guidedmix_mix" not in terms:
+        return [("guidedmix.mitrans", "in paper mode MITrans is trained only by the term guidedmix_mix; give it a "
+                                      "weight > 0")]
+    return []
+
+
 class GuidedMixModule(MethodModule):
     """The mixing head (code mode) or the residual refinement classifier (paper mode with MITrans), MITrans.
 
@@ -242,13 +254,8 @@ class GuidedMixModule(MethodModule):
 
     def __init__(self, terms: dict[str, TermConfig], ctx: ModuleContext):
         super().__init__()
-        cfg = terms.get("guidedmix")
-        if cfg is None or cfg.mode != "paper" and "guidedmix_mix" in terms:
-            raise ValueError("method.terms.guidedmix_mix: needs the term guidedmix with mode paper and a weight > 0 "
-                             "(it shares its mixing settings)")
-        if cfg.mode == "paper" and cfg.mitrans and "guidedmix_mix" not in terms:
-            raise ValueError("method.terms.guidedmix.mitrans: in paper mode MITrans is trained only by the term "
-                             "guidedmix_mix; give it a weight > 0")
+        raise_problems(check(terms))
+        cfg = terms["guidedmix"]
         self.cfg = cfg
         self.train_mix = "guidedmix_mix" in terms
         dims, k = ctx.feature_dims, ctx.num_classes
@@ -391,7 +398,8 @@ TERMS: dict[str, Term] = {
 }
 
 FAMILIES: dict[str, Family] = {
-    "guidedmix": Family(GuidedMixModule, "GuidedMix-Net mixing head and optional MITrans (non-local) module"),
+    "guidedmix": Family(GuidedMixModule, "GuidedMix-Net mixing head and optional MITrans (non-local) module",
+                        check),
 }
 
 PRESETS: dict[str, dict] = {

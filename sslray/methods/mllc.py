@@ -101,7 +101,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sslray.config import TermConfig
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term, all_reduce_sum
+from sslray.methods.base import Family, MethodModule, ModuleContext, Term, all_reduce_sum, raise_problems
 from sslray.models import upsample
 
 _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
@@ -573,11 +573,15 @@ def sample_nodes(valid: torch.Tensor, n: int) -> torch.Tensor:
 # registration
 
 
+def check(terms: dict[str, TermConfig]) -> list[tuple[str, str]]:
+    if "mllc_x" in terms:
+        return []
+    return [("mllc_x.weight", f"{', '.join(sorted(terms))} need mllc_x with a weight > 0 (it holds the graph's "
+                              "settings and supervises its rounds); method.terms.mllc_x.rounds: 0 removes the graph")]
+
+
 def build(terms: dict[str, TermConfig], ctx: ModuleContext) -> MLLCModule:
-    if "mllc_x" not in terms:
-        raise ValueError(f"mllc: {', '.join(sorted(terms))} need method.terms.mllc_x with a weight > 0 (it holds "
-                         "the graph's settings and supervises its rounds); method.terms.mllc_x.rounds: 0 removes "
-                         "the graph")
+    raise_problems(check(terms))
     return MLLCModule(terms["mllc_x"], terms.get("mllc_u"), terms.get("mllc_proto"), terms.get("mllc_pair"), ctx)
 
 
@@ -613,7 +617,8 @@ TERMS: dict[str, Term] = {
 }
 
 FAMILIES: dict[str, Family] = {
-    "mllc": Family(build, "MLLC graph rounds (SLG + CLG), class counters for eta(t, c), per-level prototypes"),
+    "mllc": Family(build, "MLLC graph rounds (SLG + CLG), class counters for eta(t, c), per-level prototypes",
+                   check),
 }
 
 PRESETS: dict[str, dict] = {

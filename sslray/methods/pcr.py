@@ -75,7 +75,8 @@ import torch
 import torch.nn.functional as F
 
 from sslray.config import TermConfig
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term, all_gather_cat, all_reduce_sum
+from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, all_gather_cat, all_reduce_sum,
+                                 raise_problems)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,15 +377,19 @@ class PCRModule(MethodModule):
         return dict(self._diag)
 
 
+def check_pcr(terms: dict[str, PCRConfig]) -> list[tuple[str, str]]:
+    """pcr_x and pcr_u share one prototype module: every setting but ``weight`` must agree."""
+    (first, cfg), *rest = terms.items()
+    return [(f"{name}.{f.name}", f"{getattr(other, f.name)!r} differs from method.terms.{first}.{f.name} = "
+                                 f"{getattr(cfg, f.name)!r}: pcr_x and pcr_u share the prototypes; set both")
+            for name, other in rest for f in fields(PCRConfig)
+            if f.name != "weight" and getattr(other, f.name) != getattr(cfg, f.name)]
+
+
 def build_pcr(terms: dict[str, PCRConfig], ctx: ModuleContext) -> PCRModule:
     """One module for pcr_x and pcr_u; their prototype settings must agree (only ``weight`` may differ)."""
-    (first, cfg), *rest = terms.items()
-    for name, other in rest:
-        for f in fields(PCRConfig):
-            if f.name != "weight" and getattr(other, f.name) != getattr(cfg, f.name):
-                raise ValueError(
-                    f"method.terms.{name}.{f.name} = {getattr(other, f.name)!r} differs from method.terms.{first}."
-                    f"{f.name} = {getattr(cfg, f.name)!r}: pcr_x and pcr_u share the prototypes; set both")
+    raise_problems(check_pcr(terms))
+    cfg = next(iter(terms.values()))
     return PCRModule(cfg, ctx)
 
 
@@ -483,7 +488,8 @@ TERMS: dict[str, Term] = {
 }
 
 FAMILIES: dict[str, Family] = {
-    "pcr": Family(build_pcr, "PCR class prototypes: grid sampler, momentum update, k-means initialisation"),
+    "pcr": Family(build_pcr, "PCR class prototypes: grid sampler, momentum update, k-means initialisation",
+                  check_pcr),
     "u2pl": Family(lambda terms, ctx: EntropyDropModule(ctx.iterations), "U2PL entropy-drop schedule"),
 }
 
