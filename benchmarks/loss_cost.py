@@ -36,7 +36,7 @@ from sslray.methods import build_method  # noqa: E402
 from sslray.models import build_model  # noqa: E402
 from sslray.teacher_student import TeacherStudent  # noqa: E402
 
-from step_overhead import _iqr, _sync, make_batch  # noqa: E402
+from step_overhead import _iqr, _sync, make_batch, step_args  # noqa: E402
 
 BASE = "unimatch"
 METHODS = ["unimatch", "unimatch+ipixmatch", "unimatch+guidedmix", "unimatch+pcr", "unimatch+mllc"]
@@ -158,19 +158,8 @@ def _mem_child(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small")
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--bx", type=int, default=8)
-    p.add_argument("--bu", type=int, default=8)
-    p.add_argument("--classes", type=int, default=3)
+    step_args(p, classes=3, repeats=20, warmup=3, threads=1)
     p.add_argument("--conf-thresh", type=float, default=0.5, help="so that confidence masks are not empty early")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--start-iteration", type=int, default=5_000, help="iteration of the first step (past warm-ups)")
     p.add_argument("--large-crop", type=int, default=801, help="crop of the node-bound check (0: skip)")

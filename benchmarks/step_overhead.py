@@ -105,20 +105,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_args(p: argparse.ArgumentParser, classes: int, repeats: int, warmup: int, threads: int) -> None:
+    """The model, batch, device and repetition options shared by the step benchmarks."""
     p.add_argument("--model", default="small")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--bx", type=int, default=8)
     p.add_argument("--bu", type=int, default=8)
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--classes", type=int, default=classes)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (0: torch's default)")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    step_args(p, classes=4, repeats=40, warmup=5, threads=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -471,6 +471,27 @@ def per_class_table(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows
     if len(names) != k:
         names = [str(i) for i in range(k)]
     class_cols = names + ["mIoU"]
+
+    def value_of(name: str) -> Callable[[dict], float | None]:
+        j = class_cols.index(name)
+
+        def value(rec):
+            iou = ious.get(str(rec["trial_id"]))
+            if not iou:
+                return None
+            return statistics.fmean(iou) if j == len(iou) else iou[j]
+        return value
+
+    labels, cells = _cells_per_column(row_order, col_order, members, records, class_cols, value_of,
+                                      "no val/confusion stored")
+    key = rows if len(col_order) == 1 else f"{rows} / {cols}"
+    return Table(labels, class_cols, cells, "val/iou", None, key, "class", "last", "max", title="Per-class IoU")
+
+
+def _cells_per_column(row_order, col_order, members, records, columns: list[str],
+                      value_of: Callable[[str], Callable[[dict], float | None]], missing: str | None):
+    """Tables whose rows are the study's cells and whose columns are quantities: one row label per (row, col)
+    cell with trials, each column aggregated over the cell's trials with ``value_of(column)``."""
     labels, cells = [], {}
     for r in row_order:
         for c in col_order:
@@ -478,15 +499,9 @@ def per_class_table(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows
                 continue
             label = r if len(col_order) == 1 else f"{r} / {c}"
             labels.append(label)
-            for j, name in enumerate(class_cols):
-                def value(rec, j=j):
-                    iou = ious.get(str(rec["trial_id"]))
-                    if not iou:
-                        return None
-                    return statistics.fmean(iou) if j == len(iou) else iou[j]
-                cells[(label, name)] = _cell(members[(r, c)], records, value, "no val/confusion stored")
-    key = rows if len(col_order) == 1 else f"{rows} / {cols}"
-    return Table(labels, class_cols, cells, "val/iou", None, key, "class", "last", "max", title="Per-class IoU")
+            for name in columns:
+                cells[(label, name)] = _cell(members[(r, c)], records, value_of(name), missing)
+    return labels, cells
 
 
 def _confusion_iou(raw: Any) -> list[float] | None:
@@ -522,18 +537,17 @@ def pseudo_table(df: "pd.DataFrame", history: "pd.DataFrame", planned: list[Plan
                 for tid, v in history.groupby("trial_id")[key].mean().items():
                     if not _is_missing(v):
                         means[str(tid)][key] = float(v)
-    labels, cells = [], {}
-    for r in row_order:
-        for c in col_order:
-            if (r, c) not in members:
-                continue
-            label = r if len(col_order) == 1 else f"{r} / {c}"
-            labels.append(label)
-            for name, key, how in PSEUDO_COLUMNS:
-                def value(rec, key=key, how=how):
-                    v = rec.get(key) if how == "last" else means[str(rec["trial_id"])].get(key)
-                    return None if _is_missing(v) else 100.0 * float(v)
-                cells[(label, name)] = _cell(members[(r, c)], records, value, None)
+    spec = {name: (key, how) for name, key, how in PSEUDO_COLUMNS}
+
+    def value_of(name: str) -> Callable[[dict], float | None]:
+        key, how = spec[name]
+
+        def value(rec):
+            v = rec.get(key) if how == "last" else means[str(rec["trial_id"])].get(key)
+            return None if _is_missing(v) else 100.0 * float(v)
+        return value
+
+    labels, cells = _cells_per_column(row_order, col_order, members, records, list(spec), value_of, None)
     key = rows if len(col_order) == 1 else f"{rows} / {cols}"
     return Table(labels, [n for n, _, _ in PSEUDO_COLUMNS], cells, "train/mask_ratio", None, key, "quantity",
                  title="Pseudo-label quality (%)", mark_best=False)
