@@ -90,7 +90,7 @@ def _family(name: str) -> str:
 
 
 def measure_times(args) -> dict:
-    setups = {m: Setup(m, args) for m in args.methods}
+    setups = {m: Setup(m, args, args.overrides if m != BASE else ()) for m in args.methods}
     times: dict[str, list[float]] = {m: [] for m in setups}
     cpu: dict[str, list[float]] = {m: [] for m in setups}
     names = list(setups)
@@ -168,7 +168,9 @@ def main(argv=None) -> dict:
     p.add_argument("--mem-steps", type=int, default=2)
     p.add_argument("--large-steps", type=int, default=1, help="steps of the large-crop check")
     p.add_argument("--part", default="all", choices=["all", "mem"], help=argparse.SUPPRESS)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key of every method but the base (e.g. "
+                        "method.terms.mllc_x.graph_max_nodes=256)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,7 +189,7 @@ def main(argv=None) -> dict:
     }
     base_mem = None
     for m in args.methods:
-        mem = measure_memory(args, m, [], args.crop, args.bx, args.bu)
+        mem = measure_memory(args, m, args.overrides if m != BASE else [], args.crop, args.bx, args.bu)
         result["methods"][m]["memory"] = mem
         if m == BASE:
             base_mem = mem.get("peak_mb")
