@@ -8,6 +8,10 @@ VOC (:func:`write_voc`): ids ``2007_000001 ..``; ``JPEGImages/<id>.jpg`` (RGB JP
 outline; ``ImageSets/Segmentation/{train,train_aug,val}.txt`` (bare ids, LF); UniMatch-layout lists under
 ``splits/pascal/`` (two columns).
 
+VOC with both mask folders holding *different* labels (:func:`write_voc_ids`, any ids, e.g. those of a published
+split): tells which folder a reader opened. :func:`unimatch_splits` finds UniMatch's published split files (the
+read-only ``shared/splits/unimatch/`` beside the checkout; never copied into the repo).
+
 Cityscapes (:func:`write_cityscapes`): cities aachen + bochum (train), frankfurt (val);
 ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` (RGB PNG), ``gtFine/...``: ``_labelIds.png``
 with random ids 0..33 and the matching ``_labelTrainIds.png`` through the documented table; UniMatch-layout lists
@@ -78,6 +82,37 @@ def write_voc(root: Path, n_fine: int = 4, n_extra: int = 4, n_val: int = 3, siz
     (splits / "val.txt").write_text(unimatch_voc_lines(val))
     (splits / "train_aug.txt").write_text(unimatch_voc_lines(fine + extra))
     return {"fine": fine, "train_aug": fine + extra, "val": val}
+
+
+def write_voc_ids(root: Path, ids: list[str], size: tuple[int, int] = (40, 30),
+                  seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """``JPEGImages/<id>.jpg`` for ``ids``, ``SegmentationClass/<id>.png`` (P, VOC palette) and
+    ``SegmentationClassAug/<id>.png`` (L) with labels drawn independently per folder. Returns
+    ``{folder: {id: uint8 [h, w] labels}}``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    labels: dict[str, dict[str, np.ndarray]] = {"SegmentationClass": {}, "SegmentationClassAug": {}}
+    for d in ("JPEGImages", *labels):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    palette = voc_palette()
+    for ident in ids:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").save(
+            root / "JPEGImages" / f"{ident}.jpg", quality=95)
+        for folder, found in labels.items():
+            found[ident] = lbl = voc_label(rng, h, w)
+            im = Image.fromarray(lbl, "P" if folder == "SegmentationClass" else "L")
+            if folder == "SegmentationClass":
+                im.putpalette(palette)
+            im.save(root / folder / f"{ident}.png")
+    return labels
+
+
+def unimatch_splits() -> Path | None:
+    """UniMatch's published ``splits/`` folder (``shared/splits/unimatch`` in a parent of this file), or None."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "splits" / "unimatch").is_dir():
+            return parent / "shared" / "splits" / "unimatch"
+    return None
 
 
 def unimatch_voc_lines(ids: list[str], trailing_newline: bool = True) -> str:

@@ -46,8 +46,13 @@ def test_clean_dataset(clean):
     assert default.ok and [(s.role, s.samples) for s in default.splits] == [("val", 2), ("labeled", 5)]
 
 
+# The fixture's labeled and val lists are UniMatch two-column files: the masks they name, and so the masks checked,
+# are SegmentationClass/ (SegmentationClassAug/ holds the same labels for bare-id lists).
+NAMED = "SegmentationClass"
+
+
 def _break_mask(root: Path, ident: str, fn) -> Path:
-    path = root / "SegmentationClassAug" / f"{ident}.png"
+    path = root / NAMED / f"{ident}.png"
     fn(path, np.array(Image.open(path)))
     return path
 
@@ -74,11 +79,11 @@ def _truncate(path: Path) -> None:
 FAULTS = {
     "missing image": (lambda r, i: _unlink(r / "JPEGImages" / f"{i['fine'][0]}.jpg"),
                       r"missing image \(listed in .*labeled\.txt:1\)"),
-    "missing mask": (lambda r, i: _unlink(r / "SegmentationClassAug" / f"{i['fine'][1]}.png"),
+    "missing mask": (lambda r, i: _unlink(r / NAMED / f"{i['fine'][1]}.png"),
                      r"missing mask \(listed in .*labeled\.txt:2\)"),
     "truncated image": (lambda r, i: _touch(r / "JPEGImages" / f"{i['val'][0]}.jpg", _truncate),
                         r"unreadable image: .*truncated"),
-    "unreadable mask": (lambda r, i: _touch(r / "SegmentationClassAug" / f"{i['fine'][2]}.png",
+    "unreadable mask": (lambda r, i: _touch(r / NAMED / f"{i['fine'][2]}.png",
                                             lambda p: p.write_bytes(b"not a png at all")),
                         r"unreadable mask"),
     "label out of range": (lambda r, i: _break_mask(r, i["fine"][0], _value_21),

@@ -2,11 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+from data_fixtures import unimatch_splits
 
 from sslray.data.splits import (Partition, SplitEntry, file_sha256, generate_partition, parse_partition_spec,
                                 parse_split_text, read_split_file, write_partition, write_split_file)
 
-UNIMATCH = Path(__file__).resolve().parents[2] / "shared" / "splits" / "unimatch"
+UNIMATCH = unimatch_splits() or Path(__file__).resolve().parents[2] / "shared" / "splits" / "unimatch"
 
 
 def _pool(n):

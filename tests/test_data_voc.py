@@ -46,8 +46,9 @@ def test_palette_and_grayscale_masks_are_identical(voc):
     assert VOCSource(root).mask_dir == "SegmentationClassAug"  # auto: the Aug folder wins when present
     assert Image.open(root / "SegmentationClass" / f"{ids['fine'][0]}.png").mode == "P"
     for ident in ids["train_aug"] + ids["val"]:
-        cols = (f"JPEGImages/{ident}.jpg", f"SegmentationClass/{ident}.png")
-        (p, p_path), (q, q_path) = p_src.mask_array(p_src.resolve(cols, "")), l_src.mask_array(l_src.resolve(cols, ""))
+        # each reader given a line naming its own folder (a two-column line is read as written)
+        (p, p_path), (q, q_path) = (src.mask_array(src.resolve(
+            (f"JPEGImages/{ident}.jpg", f"{src.mask_dir}/{ident}.png"), "")) for src in (p_src, l_src))
         assert p_path.parent.name == "SegmentationClass" and q_path.parent.name == "SegmentationClassAug"
         assert p.dtype == np.uint8 and np.array_equal(p, q) and 255 in p and p[p != 255].max() <= 20
     a = build_data(_cfg(root, partition="2", mask_dir="SegmentationClass"))
@@ -67,14 +68,19 @@ def test_split_dialects_parse_to_the_same_samples(voc, tmp_path):
         "tabs_blank": "\n".join(f"  JPEGImages/{i}.jpg\tSegmentationClassAug/{i}.png " for i in ids["train_aug"])
                       + "\n\n",
     }
-    for mask_dir in ("SegmentationClass", "SegmentationClassAug"):
+    for name, text in files.items():
+        (tmp_path / f"{name}.txt").write_bytes(text.encode())
+    # bare ids take their mask folder from data.mask_dir (unset: SegmentationClassAug, present here); a two-column
+    # line keeps the folder it names, whatever data.mask_dir would say
+    named = {"unimatch": "SegmentationClass", "tabs_blank": "SegmentationClassAug"}
+    for mask_dir in ("SegmentationClass", "SegmentationClassAug", None):
         src = VOCSource(root, mask_dir=mask_dir)
-        lists = {}
-        for name, text in files.items():
-            (tmp_path / f"{name}.txt").write_bytes(text.encode())
-            lists[name] = src.read_list(tmp_path / f"{name}.txt")
-        expected = tuple(SplitEntry(f"JPEGImages/{i}.jpg", f"{mask_dir}/{i}.png") for i in ids["train_aug"])
-        assert all(lst.entries == expected for lst in lists.values()), lists
+        lists = {name: (src if mask_dir is None or name not in named else VOCSource(root)).read_list(
+            tmp_path / f"{name}.txt") for name in files}
+        for name, lst in lists.items():
+            folder = named.get(name, mask_dir or "SegmentationClassAug")
+            expected = tuple(SplitEntry(f"JPEGImages/{i}.jpg", f"{folder}/{i}.png") for i in ids["train_aug"])
+            assert lst.entries == expected, (name, lst)
         assert lists["unimatch"].lines == tuple(range(1, len(expected) + 1))
         assert len({fingerprint(e.image for e in lst.entries) for lst in lists.values()}) == 1
     (tmp_path / "none.txt").write_text(f"JPEGImages/{ids['val'][0]}.jpg None\n")

@@ -14,7 +14,10 @@ What is checked, per split file (its role -- labeled, unlabeled or val -- comes 
 * every image: missing, unreadable or truncated (decoded to the last pixel);
 * every mask of a labeled or val sample (unlabeled samples need none): missing, unreadable, not a P / L PNG,
   label values outside ``0..K-1`` other than the ignore value 255 (Cityscapes labelIds: outside 0..33), a size
-  other than its image's.
+  other than its image's. The mask is the file a two-column line names (the split file is the truth); only
+  dialects without a mask column derive it (VOC bare ids: ``data.mask_dir``). The summary prints, per split, the
+  mask folder it resolved to and how (``masks: SegmentationClass/ (named in the split file)``); an explicit
+  ``mask_dir`` that a two-column file contradicts is one error for that file.
 
 Decoding goes through the reader a trial uses (``FileSource.image`` / ``mask_array``), so what passes here is what
 training reads. Images are decoded in a thread pool (PIL releases the GIL while decoding).
@@ -56,12 +59,14 @@ def split_role(path: str | os.PathLike) -> str:
 
 @dataclass
 class SplitSummary:
-    """One checked split file: its role, how many samples it lists, and the published list it equals (or None)."""
+    """One checked split file: its role, how many samples it lists, the published list it equals (or None), and
+    where its masks were resolved to (``SplitList.masks``)."""
 
     path: str
     role: str
     samples: int
     standard: str | None
+    masks: str = ""
 
 
 @dataclass
@@ -90,7 +95,8 @@ class Report:
         lines = [f"{self.dataset} at {self.root}"]
         for s in self.splits:
             std = f", = {s.standard}" if s.standard else ""
-            lines.append(f"  {s.path}: {s.samples} {s.role} samples{std}")
+            masks = f"; masks: {s.masks}" if s.masks else ""
+            lines.append(f"  {s.path}: {s.samples} {s.role} samples{std}{masks}")
         lines.append(f"  {self.images_checked} images and {self.masks_checked} masks read; "
                      f"{len(self.errors)} error{'s' if len(self.errors) != 1 else ''}")
         total = sum(self.class_pixels)
@@ -147,7 +153,7 @@ def _read_lists(source: FileSource, split_files: Sequence[str | os.PathLike], ro
             except DataError as e:
                 report.errors.append((e.path, e.message))
         for lst, role in pairs:
-            report.splits.append(SplitSummary(lst.path, role, len(lst.entries), _standard(source, lst)))
+            report.splits.append(SplitSummary(lst.path, role, len(lst.entries), _standard(source, lst), lst.masks))
         return pairs
     out = []
     for f in split_files:
@@ -159,7 +165,7 @@ def _read_lists(source: FileSource, split_files: Sequence[str | os.PathLike], ro
             continue
         if not lst.entries:
             report.errors.append((str(f), "no samples listed"))
-        report.splits.append(SplitSummary(str(f), role, len(lst.entries), _standard(source, lst)))
+        report.splits.append(SplitSummary(str(f), role, len(lst.entries), _standard(source, lst), lst.masks))
         out.append((lst, role))
     return out
 
@@ -176,15 +182,7 @@ def _read_one(source: FileSource, path: Path, report: Report) -> SplitList | Non
         report.errors.append((str(path), f"unreadable split file: {e}"))
         return None
     report.errors.extend((f"{path}:{n}", message) for n, message in bad)
-    entries, lines = [], []
-    for n, cols in rows:
-        where = f"{path}:{n}"
-        try:
-            entries.append(source.resolve(cols, where))
-            lines.append(n)
-        except ValueError as e:
-            report.errors.append((where, str(e).removeprefix(f"{where}: ")))
-    return SplitList(str(path), tuple(entries), tuple(lines))
+    return source.make_list(path, rows, errors=report.errors)
 
 
 def _standard(source: FileSource, lst: SplitList) -> str | None:
@@ -214,15 +212,14 @@ def _check_lists(source: FileSource, lists: list[tuple[SplitList, str]], report:
 
 
 def _scan_files(source: FileSource, lists: list[tuple[SplitList, str]], report: Report, workers: int) -> None:
-    """Decode every distinct image once, and every distinct mask of labeled / val samples once."""
-    samples: dict[str, tuple[SplitEntry, bool, str]] = {}  # image -> (entry, needs mask, "file:line")
+    """Decode every distinct (image, mask) pair once -- the mask only for labeled / val samples. Two lists that
+    pair one image with different masks get both masks checked, each named by its own list."""
+    samples: dict[tuple[str, str | None], tuple[SplitEntry, bool, str]] = {}  # -> (entry, needs mask, "file:line")
     for lst, role in lists:
         for e, n in zip(lst.entries, lst.lines):
-            needs = role != "unlabeled"
-            if e.image not in samples:
-                samples[e.image] = (e, needs, f"{lst.path}:{n}")
-            elif needs and not samples[e.image][1]:
-                samples[e.image] = (e, True, samples[e.image][2])
+            needs, key = role != "unlabeled", (e.image, e.mask)
+            if key not in samples or (needs and not samples[key][1]):
+                samples[key] = (e, needs, f"{lst.path}:{n}")
     hist = np.zeros(256, np.int64)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for errors, counts, n_masks in pool.map(lambda s: _check_sample(source, *s), samples.values()):
@@ -254,7 +251,7 @@ def _check_sample(source: FileSource, entry: SplitEntry, needs_mask: bool,
     try:
         arr, path = source.mask_array(entry)
     except MissingDataError as e:
-        errors.append((e.path, f"{e.message} (listed in {listed})"))
+        errors.append((e.path, f"{e.message} (listed in {listed}){source.missing_mask_hint(entry)}"))
         return errors, None, 0
     except DataError as e:
         errors.append((e.path, e.message))

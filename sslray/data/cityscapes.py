@@ -6,10 +6,12 @@ Masks: ``*_gtFine_labelTrainIds.png`` when present, else the official ``*_gtFine
 through :data:`LABEL_ID_TO_TRAIN_ID` with a 256-entry uint8 table (any other byte -> 255), so a root straight from
 ``gtFine.zip`` works without running ``createTrainIdLabelImgs``.
 
-Split-file dialects (section 2.3), all resolved to the canonical image path and its labelTrainIds mask:
+Split-file dialects (section 2.3), all resolved to the canonical image path and a mask:
 
-* UniMatch / CorrMatch: ``leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png gtFine/.../..._labelTrainIds.png``;
-* U2PL / AugSeg: the image path alone (the mask path is derived);
+* UniMatch / CorrMatch: ``leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png gtFine/.../..._labelTrainIds.png``
+  -- the split file is the truth: the mask is the file its second column names, as written (a missing
+  ``*_labelTrainIds.png`` falls back to the ``*_labelIds.png`` beside it, see above);
+* U2PL / AugSeg: the image path alone (the labelTrainIds mask path is derived from it);
 * CPS: ``/images/train/jena_000078_000019.png<TAB>/segmentation/train/jena_000078_000019_gtFine.png`` -- CPS's
   re-packaged copy; the sample is read from the standard layout (CPS's own folders are not a supported root);
 * UniMatch-V2: a second column ``None`` (``train_extra``, coarse only): an unlabeled sample without mask.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslray.data.readers import DataError, FileSource, SplitList, some_values
+from sslray.data.readers import DataError, FileSource, SplitList, describe_masks, some_values
 from sslray.data.splits import SplitEntry
 
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -45,6 +47,7 @@ LUT[:len(LABEL_ID_TO_TRAIN_ID)] = LABEL_ID_TO_TRAIN_ID
 _IMAGE = re.compile(r"leftImg8bit/(?P<split>[^/]+)/(?P<city>[^/]+)/(?P<stem>[^/]+)_leftImg8bit\.png")
 _CPS_IMAGE = re.compile(r"images/(?P<split>[^/]+)/(?P<stem>[^/]+)\.png")
 _TRAIN_IDS, _LABEL_IDS = "_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"
+DERIVED = "derived from the image paths"  # SplitList.masks of dialects without a usable mask column
 
 
 def image_path(split: str, stem: str) -> str:
@@ -71,14 +74,21 @@ class CityscapesSource(FileSource):
         cps = _CPS_IMAGE.fullmatch(first)
         image = image_path(cps["split"], cps["stem"]) if cps else first
         if len(cols) == 2 and cols[1] == "None":
-            return SplitEntry(image, None)
+            return SplitEntry(image, None, where or None)
         if len(cols) == 2 and not cps:
-            return SplitEntry(image, cols[1].lstrip("/"))
+            return SplitEntry(image, cols[1].lstrip("/"), where or None)
         mask = mask_path(image)
         if mask is None:
             raise ValueError(f"{where}: cannot derive the mask of {cols[0]!r} (expected "
                              "leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png)")
-        return SplitEntry(image, mask)
+        return SplitEntry(image, mask, where or None)
+
+    def mask_origin(self, cols: tuple[str, ...]) -> str | None:
+        if len(cols) == 2 and cols[1] == "None":
+            return None
+        if len(cols) == 2 and not _CPS_IMAGE.fullmatch(cols[0].lstrip("/")):
+            return super().mask_origin(cols)
+        return DERIVED if len(cols) == 1 else f"{DERIVED} (CPS's mask column names its own re-packaged tree)"
 
     def val_candidates(self) -> list[Path]:
         return self.in_splits("val.txt")
@@ -95,7 +105,7 @@ class CityscapesSource(FileSource):
         if not images:
             return None
         entries = tuple(SplitEntry(i, mask_path(i)) for i in images)
-        return SplitList(str(folder), entries, (0,) * len(entries))
+        return SplitList(str(folder), entries, (0,) * len(entries), describe_masks(entries, [DERIVED] * len(entries)))
 
     def mask_files(self, entry: SplitEntry) -> list[tuple[str, bool]]:
         m = entry.mask

@@ -3,8 +3,13 @@ partitions (published files or seeded draws), image / mask decoding, and the che
 
 Lists. A split file is parsed with :func:`sslray.data.splits.split_rows` (CRLF, tabs, missing final newline all
 fine) and each row's columns are turned into a canonical :class:`SplitEntry` by the dataset's ``resolve`` -- the
-UniMatch image path plus the mask path (or None) -- so every dialect of the same samples gives the same entries,
-and the same fingerprint (``fingerprints.py``).
+UniMatch image path plus the mask path (or None), with the ``file:line`` it came from -- so every dialect of the
+same images gives the same image paths and the same fingerprint (``fingerprints.py``).
+
+Split files are the truth about masks: a two-column line (``JPEGImages/x.jpg SegmentationClass/x.png``) names the
+mask file that trials read and ``sslray data check`` checks, as written; only dialects without a mask column
+(bare ids, image paths alone) get a mask path derived by the reader (VOC: ``data.mask_dir``). Each list carries a
+one-line description of where its masks are (``SplitList.masks``), which ``sslray data check`` prints.
 
 Where lists come from. With ``data.splits_dir`` set, ``<splits_dir>/<dataset>/`` (or ``<splits_dir>/`` itself when
 it has no such sub-folder) is read in UniMatch's layout: ``val.txt``, ``<partition>/{labeled,unlabeled}.txt`` and
@@ -38,6 +43,7 @@ from sslray.data.fingerprints import STANDARD_PARTITIONS, UNIMATCH, fingerprint,
 from sslray.data.splits import Partition, SplitEntry, generate_partition, read_split_rows
 
 IGNORE = 255
+NAMED = "named in the split file"  # SplitList.masks: the split's mask column, read as written
 
 
 class DataError(ValueError):
@@ -47,9 +53,24 @@ class DataError(ValueError):
         self.path, self.message = str(path), message
         super().__init__(f"{path}: {message}")
 
+    def __reduce__(self):  # pickle with the constructor's arguments (Ray and DataLoader workers send errors back)
+        return type(self), (self.path, self.message)
+
 
 class MissingDataError(DataError):
     """A listed image, mask or list file does not exist."""
+
+
+class MaskDirConflict(DataError):
+    """A split line names a mask outside the explicitly set mask folder (``data.mask_dir``); ``entry`` is the
+    sample as the line names it."""
+
+    def __init__(self, path: str | os.PathLike, message: str, entry: SplitEntry):
+        super().__init__(path, message)
+        self.entry = entry
+
+    def __reduce__(self):
+        return type(self), (self.path, self.message, self.entry)
 
 
 class NonStandardSplitWarning(UserWarning):
@@ -58,11 +79,43 @@ class NonStandardSplitWarning(UserWarning):
 
 @dataclass(frozen=True)
 class SplitList:
-    """Resolved entries of one list file with the 1-based line each came from (0 for scanned lists)."""
+    """Resolved entries of one list file with the 1-based line each came from (0 for scanned lists), and ``masks``:
+    where their masks are and who said so (``SegmentationClass/ (named in the split file)``)."""
 
     path: str
     entries: tuple[SplitEntry, ...]
     lines: tuple[int, ...]
+    masks: str = ""
+
+
+def describe_masks(entries: Sequence[SplitEntry], origins: Sequence[str | None]) -> str:
+    """One line: the mask folder(s) of ``entries`` and, per ``origins`` (one per entry, None for no mask), how
+    they were resolved, e.g. ``SegmentationClass/ (named in the split file)``; folders with a common parent are
+    shown by it (``gtFine/train/ (18 sub-folders)``), others listed with their counts."""
+    folders: dict[str, int] = {}
+    for e in entries:
+        if e.mask is not None:
+            parent = e.mask.rpartition("/")[0] or "."
+            folders[parent] = folders.get(parent, 0) + 1
+    how: dict[str, int] = {}
+    for o in origins:
+        if o is not None:
+            how[o] = how.get(o, 0) + 1
+    none = sum(e.mask is None for e in entries)
+    if not folders:
+        return "no masks listed"
+    common = os.path.commonpath(list(folders)) if "." not in folders else ""
+    if len(folders) == 1:
+        where = f"{next(iter(folders))}/"
+    elif common:
+        where = f"{common}/ ({len(folders)} sub-folders)"
+    else:
+        where = ", ".join(f"{f}/ ({n})" for f, n in folders.items())
+    if len(how) == 1:
+        where += f" ({next(iter(how))})"
+    elif how:
+        where += " (" + "; ".join(f"{o}: {n} lines" for o, n in how.items()) + ")"
+    return where + (f"; {none} samples without mask" if none else "")
 
 
 class FileSource(ABC):
@@ -111,6 +164,16 @@ class FileSource(ABC):
         """A list found by scanning the root when no list file exists (``what``: val or pool); None: no scan."""
         return None
 
+    def mask_origin(self, cols: tuple[str, ...]) -> str | None:
+        """How the mask of a split-file row is found, in words (for ``SplitList.masks``); None: no mask.
+
+        Default: a second column other than ``None`` is the mask path, read as written."""
+        return NAMED if len(cols) == 2 and cols[1] != "None" else None
+
+    def missing_mask_hint(self, entry: SplitEntry) -> str:
+        """Extra words for a missing mask error (e.g. where a file of that name does exist); "" for none."""
+        return ""
+
     def mask_files(self, entry: SplitEntry) -> list[tuple[str, bool]]:
         """``(relative mask path, is raw label ids)`` to try in order; raw ids go through :meth:`to_train_ids`."""
         return [(entry.mask, False)]
@@ -134,7 +197,8 @@ class FileSource(ABC):
         return [] if root is None else [root / n for n in names]
 
     def read_list(self, path: str | os.PathLike) -> SplitList:
-        """Every row of a split file, resolved (MissingDataError if the file does not exist)."""
+        """Every row of a split file, resolved (MissingDataError if the file does not exist; ValueError naming
+        ``file:line`` at the first row that cannot be resolved)."""
         path = Path(path)
         try:
             rows = read_split_rows(path)
@@ -142,8 +206,40 @@ class FileSource(ABC):
             raise MissingDataError(path, "missing split file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(path, f"unreadable split file: {e}") from None
-        entries = tuple(self.resolve(cols, f"{path}:{n}") for n, cols in rows)
-        return SplitList(str(path), entries, tuple(n for n, _ in rows))
+        return self.make_list(path, rows)
+
+    def make_list(self, path: str | os.PathLike, rows: Sequence[tuple[int, tuple[str, ...]]],
+                  errors: list[tuple[str, str]] | None = None) -> SplitList:
+        """Resolve ``(line, columns)`` rows of the split file ``path``; each entry records its ``file:line``.
+
+        Without ``errors`` the first row that cannot be resolved raises; with it, each such row is appended there
+        as ``(file:line, message)`` and skipped -- except a :class:`MaskDirConflict`, reported once per file (at
+        its first line, with the count: one setting disagrees with the file) and kept as the line names it, so
+        ``sslray data check`` still checks the masks the split names.
+        """
+        entries, lines, origins = [], [], []
+        conflicts: list[tuple[str, str]] = []
+        for n, cols in rows:
+            where = f"{path}:{n}"
+            try:
+                entry = self.resolve(cols, where)
+            except MaskDirConflict as e:
+                if errors is None:
+                    raise
+                conflicts.append((where, e.message))
+                entry = e.entry
+            except ValueError as e:
+                if errors is None:
+                    raise
+                errors.append((where, str(e).removeprefix(f"{where}: ")))
+                continue
+            entries.append(entry if entry.where == where else replace(entry, where=where))
+            lines.append(n)
+            origins.append(self.mask_origin(cols))
+        if conflicts:
+            more = f" (and {len(conflicts) - 1} more lines)" if len(conflicts) > 1 else ""
+            errors.append((conflicts[0][0], conflicts[0][1] + more))
+        return SplitList(str(path), tuple(entries), tuple(lines), describe_masks(entries, origins))
 
     def _find(self, what: str, candidates: Sequence[Path]) -> SplitList:
         if what not in self._lists:
@@ -318,14 +414,21 @@ class FileSource(ABC):
         truth = True
         for role, entries in lists.items():
             for e in entries:
+                # name the split file and line that listed the sample, when known (scanned lists have none)
+                if not e.where:
+                    of = f"of {where}"
+                else:
+                    of = f"listed at {e.where}" if role == "val" else f"of partition {partition.name}, {e.where}"
                 if not os.path.exists(self.root / e.image):
-                    missing.append((self.root / e.image, f"missing image ({role} sample of {where})"))
+                    missing.append((self.root / e.image, f"missing image ({role} sample {of})"))
                 if role == "unlabeled":
                     truth = truth and e.mask is not None and self._mask_exists(e)
                 elif e.mask is None:
-                    missing.append((self.root / e.image, f"{role} image without a mask in the list ({where})"))
+                    missing.append((self.root / e.image,
+                                    f"{role} image without a mask in the list ({of.removeprefix('of ')})"))
                 elif not self._mask_exists(e):
-                    missing.append((self.root / e.mask, f"missing mask ({role} sample of {where})"))
+                    missing.append((self.root / e.mask,
+                                    f"missing mask ({role} sample {of}){self.missing_mask_hint(e)}"))
         if missing:
             path, msg = missing[0]
             more = f"; {len(missing) - 1} more missing files (run sslray data check)" if len(missing) > 1 else ""

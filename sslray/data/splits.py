@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,10 +33,15 @@ UNLABELED_FILE = "unlabeled.txt"
 
 @dataclass(frozen=True)
 class SplitEntry:
-    """One sample: image path and mask path relative to the dataset root (``mask`` None: no mask listed)."""
+    """One sample: image path and mask path relative to the dataset root (``mask`` None: no mask listed).
+
+    ``where`` is the ``split_file:line`` the entry was read from (None for generated lists); it is provenance for
+    error messages only, not part of equality or of the written line.
+    """
 
     image: str
     mask: str | None = None
+    where: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # The format separates columns by whitespace, so a path containing any could never be read back.

@@ -2,15 +2,24 @@
 
 Layouts (``datasets.md`` section 1.1): UniMatch's root holds ``JPEGImages`` and ``SegmentationClass`` (the
 augmented masks of all 10,582 + 1,449 ids); the official tree adds ``SegmentationClassAug`` (grayscale masks of
-the same ids, U2PL / AugSeg / mmseg). The mask folder is ``data.mask_dir`` or, unset, ``SegmentationClassAug`` when
-the root has one, else ``SegmentationClass``; mask paths written in split files under either name are rewritten to
-it, because UniMatch's lists say ``SegmentationClass/`` even for the SBD ids the official folder lacks.
+the same ids, U2PL / AugSeg / mmseg) while its ``SegmentationClass`` holds only the 2,913 official VOC masks.
 
-Split-file dialects (section 1.4), all resolved to ``JPEGImages/<id><ext>`` + ``<mask_dir>/<id>.png``:
+Split-file dialects (section 1.4) and the mask each sample is read from:
 
-* UniMatch / ST++ / CorrMatch: ``JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png``;
-* U2PL / AugSeg / CPS / mmseg: a bare id per line (``2007_000032``), LF or CRLF;
+* UniMatch / ST++ / CorrMatch: ``JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png`` -- the split file
+  is the truth: the mask is the file its second column names, as written (``data check`` and trials read the
+  same file);
+* U2PL / AugSeg / CPS / mmseg: a bare id per line (``2007_000032``), LF or CRLF -- ``JPEGImages/<id><ext>`` +
+  ``<mask_dir>/<id>.png``, where the mask folder is ``data.mask_dir`` or, unset, ``SegmentationClassAug`` when the
+  root has one, else ``SegmentationClass``;
 * a second column ``None``: a sample without mask (unlabeled only).
+
+``data.mask_dir`` set explicitly and a two-column line naming a mask in another folder is an error
+(:class:`~sslray.data.readers.MaskDirConflict`, once per file, naming the line): the run's config would otherwise
+record one folder while it read another. To use UniMatch's lists with the official tree (their lines say
+``SegmentationClass/`` also for the 9,118 SBD ids only ``SegmentationClassAug`` has), rewrite the mask column of a
+copy (``sed 's# SegmentationClass/# SegmentationClassAug/#'``); the copies are still recognised as the published
+splits (fingerprints cover the image column only). A missing mask whose name exists in the other folder says so.
 
 Lists: ``<splits>/val.txt`` or ``ImageSets/Segmentation/val.txt``; the pool is ``<splits>/train_aug.txt`` (or
 UniMatch-V2's ``all/labeled.txt``, mmseg's ``ImageSets/Segmentation/train_aug.txt`` / ``trainaug.txt``).
@@ -26,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from sslray.data.readers import FileSource
+from sslray.data.readers import FileSource, MaskDirConflict
 from sslray.data.splits import SplitEntry
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -65,6 +74,7 @@ class VOCSource(FileSource):
                  dataset: str = "pascal"):
         self.dataset = dataset
         super().__init__(root, num_classes, splits_dir)
+        self.mask_dir_set = mask_dir is not None  # explicit data.mask_dir: two-column lines must agree with it
         if mask_dir is None:
             mask_dir = "SegmentationClassAug" if (self.root / "SegmentationClassAug").is_dir() else "SegmentationClass"
         if not mask_dir or "/" in mask_dir.strip("/") or any(c.isspace() for c in mask_dir):
@@ -72,16 +82,33 @@ class VOCSource(FileSource):
         self.mask_dir, self.image_ext = mask_dir.strip("/"), image_ext
 
     def resolve(self, cols: tuple[str, ...], where: str) -> SplitEntry:
-        if len(cols) == 1:  # bare id (or a lone image path): the mask follows from the id
+        if len(cols) == 1:  # bare id (or a lone image path): the mask follows from the id and data.mask_dir
             ident = PurePosixPath(cols[0]).stem
-            return SplitEntry(f"JPEGImages/{ident}{self.image_ext}", f"{self.mask_dir}/{ident}.png")
+            return SplitEntry(f"JPEGImages/{ident}{self.image_ext}", f"{self.mask_dir}/{ident}.png", where or None)
         image, mask = cols[0].lstrip("/"), cols[1].lstrip("/")
         if cols[1] == "None":
-            return SplitEntry(image, None)
-        head, _, rest = mask.partition("/")
-        if head in MASK_DIRS and rest:
-            mask = f"{self.mask_dir}/{rest}"
-        return SplitEntry(image, mask)
+            return SplitEntry(image, None, where or None)
+        if self.mask_dir_set and mask.partition("/")[0] != self.mask_dir:
+            raise MaskDirConflict(where, f"the split names mask {mask} but data.mask_dir is {self.mask_dir!r}; "
+                                         "data.mask_dir applies only to split files without a mask column (bare ids): "
+                                         "unset it to read the masks the split names, or rewrite the split's mask "
+                                         "column", SplitEntry(image, mask, where or None))
+        return SplitEntry(image, mask, where or None)  # the split file is the truth: the mask it names, as written
+
+    def mask_origin(self, cols: tuple[str, ...]) -> str | None:
+        if len(cols) == 1:
+            if self.mask_dir_set:
+                return "bare ids + data.mask_dir"
+            found = "is" if self.mask_dir == "SegmentationClassAug" else "is not"
+            return f"bare ids + data.mask_dir unset: SegmentationClassAug {found} under the root"
+        return super().mask_origin(cols)
+
+    def missing_mask_hint(self, entry: SplitEntry) -> str:
+        head, _, rest = entry.mask.partition("/")
+        for other in MASK_DIRS:
+            if head in MASK_DIRS and other != head and (self.root / other / rest).is_file():
+                return f" -- {other}/{rest} exists, but the list points at {head}/"
+        return ""
 
     def val_candidates(self) -> list[Path]:
         return self.in_splits("val.txt") + [self.root / "ImageSets" / "Segmentation" / "val.txt"]
