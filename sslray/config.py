@@ -73,7 +73,7 @@ class DataConfig:
     partition: str = "16"  # "16": 16 labeled images; "1_8": 1/8 of the pool; or a named standard split
     split_seed: int = 0  # seed of generated partitions
     splits_dir: str | None = None  # split files in UniMatch layout: <dir>/[<dataset>/]<partition>/labeled.txt, val.txt
-    mask_dir: str | None = None  # VOC mask folder; None: SegmentationClassAug if present under root, else SegmentationClass
+    mask_dir: str | None = None  # VOC mask folder for bare-id split files only (a two-column file names its masks); None: SegmentationClassAug if present under root, else SegmentationClass
     crop_size: int | None = None  # None: the dataset spec's crop
     batch_size_x: int = 8  # global labeled batch (split across DDP ranks)
     batch_size_u: int = 8  # global unlabeled batch
