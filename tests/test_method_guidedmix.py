@@ -428,3 +428,22 @@ def test_fit_paper_mode_with_mitrans_and_meanteacher(tmp_path):
                   "run.checkpoint": False})
     out = fit(cfg, Runtime(), None, out_dir=str(tmp_path))
     assert math.isfinite(out["history"][-1]["train/loss/guidedmix_mix"])
+
+
+def test_ablation_study_baseline_is_the_code_and_every_row_builds():
+    """studies/ablation_guidedmix.yaml: its base writes out the code's settings, which are the preset's
+    defaults, and every row builds its method."""
+    import os
+
+    from sslray.study import load_study
+
+    path = os.path.join(os.path.dirname(__file__), "..", "studies", "ablation_guidedmix.yaml")
+    trials = [t for t in load_study(path).trials() if t.seed == 0]
+    assert len(trials) == 13
+    preset = TrialConfig.from_dict({"method": {"name": "guidedmix"}}).method.terms["guidedmix"]
+    assert trials[0].config.method.terms["guidedmix"] == preset
+    dims = {"aspp": 8, "features": 8, "low": 4}
+    rows = {(t.config.method.terms["guidedmix"].head, t.config.method.terms["guidedmix"].detach_zl) for t in trials}
+    assert {("decoder", True), ("aspp", False)} <= rows
+    for t in trials:
+        build_method(t.config.method, K, 255, dims)
