@@ -104,11 +104,13 @@ def test_pairing_random_cycles_labeled_and_similarity_picks_nearest():
 # code mode
 
 
+@pytest.mark.parametrize("head", ["decoder", "aspp"])
 @pytest.mark.parametrize("decouple", [True, False])
-def test_code_loss_equals_manual_mix_head_and_decoupling(decouple):
+def test_code_loss_equals_manual_mix_head_and_decoupling(decouple, head):
     """Labeled batch 2, unlabeled 3: three pairs, labeled cycled; the loss is the focal loss of
     z_mix - lam * z_l against argmax of the permuted unlabeled prediction."""
-    out, method = real_step("guidedmix", terms={"guidedmix": {"head_dropout": 0.0, "decouple": decouple}})
+    out, method = real_step("guidedmix", terms={"guidedmix": {"head_dropout": 0.0, "decouple": decouple,
+                                                              "head": head}})
     module = method.modules["guidedmix"]
     torch.manual_seed(7)
     loss = method.losses(out)["loss/guidedmix"]
@@ -117,7 +119,12 @@ def test_code_loss_equals_manual_mix_head_and_decoupling(decouple):
     perm, l_idx = torch.randperm(3), torch.tensor([0, 1, 0])
     px, pu = out.part("x"), out.part("u_w")
     a_mix = lam * px["aspp"][l_idx] + (1 - lam) * pu["aspp"][perm]
-    z = upsample(module.head(a_mix), px["logits_low"].shape[-2:])
+    size = px["logits_low"].shape[-2:]
+    if head == "aspp":
+        z = upsample(module.head(a_mix), size)
+    else:
+        low_mix = lam * px["low"][l_idx] + (1 - lam) * pu["low"][perm]
+        z = module.head(module.fuse(torch.cat([low_mix, upsample(a_mix, size)], 1)))
     if decouple:
         z = z - lam * px["logits_low"][l_idx]
     target = pu["logits_low"][perm].argmax(1)
@@ -140,6 +147,63 @@ def test_code_gradient_reaches_features_and_z_l_but_not_the_target():
     assert d["aspp"].grad[:2].abs().sum() > 0 and d["aspp"].grad[2:].abs().sum() > 0
 
 
+def test_default_mix_head_decodes_at_the_stride_of_z_l():
+    """The code's two heads run at one stride, so z_mix - lam * z_l compares like with like; the old default
+    (head: aspp) classified at c4's stride and upsampled."""
+    for head, same in (({}, True), ({"head": "aspp"}, False)):
+        out, method = real_step("guidedmix", terms={"guidedmix": head})
+        module, shapes = method.modules["guidedmix"], []
+        module.head[-1].register_forward_hook(lambda m, i, o: shapes.append(o.shape[-2:]))
+        method.losses(out)
+        assert (shapes == [out.part("x")["logits_low"].shape[-2:]]) == same
+
+
+def test_default_mix_head_is_a_copy_of_the_main_decoder():
+    """Given the main decoder's weights (fuse convs and classifier), the mix head reproduces the main
+    prediction of the unlabeled image at lam = 0: the same layers at the same resolution."""
+    cfg = TrialConfig.from_dict({"method": {"name": "guidedmix"}, "model": {"width": 8}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, K)
+    module = build_method(cfg.method, K, 255, model.feature_dims).modules["guidedmix"]
+    dec = model.decoder
+    with torch.no_grad():
+        for mine, main in ((module.fuse, dec.fuse), (module.head[-1], dec.classifier)):
+            for p, q in zip(mine.parameters(), main.parameters(), strict=True):
+                p.copy_(q)
+        module.eval()  # dropout off; its BN always uses batch statistics, as the decoder's in train mode
+        u = model(torch.randn(3, 3, 32, 32))
+        perm = torch.tensor([2, 0, 1])
+        z_mix = module.mix_logits(u, u, 0.0, perm, perm)
+        main = dec(u["c1"][perm], u["c4"][perm])["logits_low"]  # the main head on the permuted batch alone
+        torch.testing.assert_close(z_mix, main, rtol=1e-5, atol=1e-5)
+
+
+def test_mix_classifier_starts_as_mmseg_conv_seg():
+    def classifier(**over):
+        cfg = TrialConfig.from_dict({"method": {"name": "guidedmix", "terms": {"guidedmix": over}}})
+        dims = {"aspp": 16, "features": 64, "low": 8}
+        torch.manual_seed(0)
+        return GuidedMixModule(dict(cfg.method.terms), ModuleContext(K, feature_dims=dims)).head[-1]
+
+    for head in ("decoder", "aspp"):
+        conv = classifier(head=head)
+        assert abs(float(conv.weight.detach().std()) - 0.01) < 0.002 and not conv.bias.any()  # N(0, 0.01), bias 0
+    kaiming = classifier(cls_init="kaiming")  # fan_out = K: std sqrt(2 / K)
+    assert abs(float(kaiming.weight.detach().std()) - math.sqrt(2 / K)) < 0.15
+
+
+def test_detach_zl_stops_the_decoupling_gradient_into_the_labeled_prediction():
+    for detach in (False, True):
+        out, d = fake_outputs()
+        cfg = TrialConfig.from_dict({"method": {"name": "guidedmix", "terms": {"guidedmix": {"detach_zl": detach}}}})
+        module = GuidedMixModule(dict(cfg.method.terms),
+                                 ModuleContext(K, feature_dims={"aspp": 4, "features": 6, "low": 2}))
+        module.code_loss(out, TermContext(0.95, 255, K)).backward()
+        g = d["logits_low"].grad
+        assert (g is None or g.abs().sum() == 0) == detach  # unlabeled half: only the detached target
+        assert d["aspp"].grad[:2].abs().sum() > 0  # the mixed features are trained either way
+
+
 def test_code_padding_pixels_do_not_count():
     terms = {"guidedmix": TrialConfig.from_dict({"method": {"name": "guidedmix"}}).method.terms["guidedmix"]}
     module = GuidedMixModule(terms, ModuleContext(K, feature_dims={"aspp": 4, "features": 6, "low": 2}))
@@ -158,7 +222,8 @@ def test_code_padding_pixels_do_not_count():
     assert float(module.code_loss(out, ctx).detach()) == 0.0
 
 
-@pytest.mark.parametrize("over", [{"head": "decoder", "mitrans": True, "mitrans_pool": 2}, {"pairing": "similarity"}])
+@pytest.mark.parametrize("over", [{"head": "decoder", "mitrans": True, "mitrans_pool": 2}, {"pairing": "similarity"},
+                                  {"head": "aspp", "mitrans": True}])
 def test_code_variants_and_unequal_batches_train(over):
     out, method = real_step("guidedmix", bx=4, bu=2, terms={"guidedmix": over})
     losses = method.losses(out)
@@ -235,6 +300,21 @@ def test_paper_gradient_only_into_the_unlabeled_prediction_and_masks_respected()
         out.pred_u_w.copy_(50 * F.one_hot(out.mask_u_w, K).permute(0, 3, 1, 2).float())
     out.logits_u_w_teacher = out.pred_u_w.detach()
     assert float(paper_module(pseudo="self").paper_loss(out, ctx).detach()) < 1e-12
+
+
+def test_paper_no_grad_mixed_forward_leaves_the_students_bn_statistics():
+    cfg = TrialConfig.from_dict({"method": {"name": "guidedmix_paper"}, "model": {"width": 8}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, K)
+    method = build_method(cfg.method, K, 255, model.feature_dims)
+    ts = TeacherStudent(model, cfg.method, method.needs)
+    out = ts.step(*_batches(2, 3), iteration=0)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    method.losses(out)
+    assert "lambda" in method.modules["guidedmix"].diagnostics() and model.training  # the mixed forward ran
+    after = model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def test_paper_mode_with_mitrans_and_mixup_term_shares_one_mixed_forward():
@@ -332,7 +412,8 @@ def test_fit_trains_the_mix_head_and_resume_equals_uninterrupted(tmp_path):
     full = fit(cfg, Runtime(), report, out_dir=str(tmp_path / "full"))
     assert "train/guidedmix/lambda" in reports[-1] and "train/loss/guidedmix" in reports[-1]
     state = torch.load(tmp_path / "full" / "checkpoint" / "state.pt", weights_only=False)["method"]
-    assert not torch.equal(state["guidedmix.head.2.weight"], first["method"]["guidedmix.head.2.weight"])
+    key = "guidedmix.head.1.weight"  # the default (decoder) mix head: dropout, classifier
+    assert not torch.equal(state[key], first["method"][key])
 
     resumed, _, _ = crash_then_resume(cfg, tmp_path, at=2)
     cut = checkpoint(tmp_path / "cut")["method"]
@@ -347,3 +428,22 @@ def test_fit_paper_mode_with_mitrans_and_meanteacher(tmp_path):
                   "run.checkpoint": False})
     out = fit(cfg, Runtime(), None, out_dir=str(tmp_path))
     assert math.isfinite(out["history"][-1]["train/loss/guidedmix_mix"])
+
+
+def test_ablation_study_baseline_is_the_code_and_every_row_builds():
+    """studies/ablation_guidedmix.yaml: its base writes out the code's settings, which are the preset's
+    defaults, and every row builds its method."""
+    import os
+
+    from sslray.study import load_study
+
+    path = os.path.join(os.path.dirname(__file__), "..", "studies", "ablation_guidedmix.yaml")
+    trials = [t for t in load_study(path).trials() if t.seed == 0]
+    assert len(trials) == 13
+    preset = TrialConfig.from_dict({"method": {"name": "guidedmix"}}).method.terms["guidedmix"]
+    assert trials[0].config.method.terms["guidedmix"] == preset
+    dims = {"aspp": 8, "features": 8, "low": 4}
+    rows = {(t.config.method.terms["guidedmix"].head, t.config.method.terms["guidedmix"].detach_zl) for t in trials}
+    assert {("decoder", True), ("aspp", False)} <= rows
+    for t in trials:
+        build_method(t.config.method, K, 255, dims)

@@ -12,28 +12,38 @@ from the abstracts, [I] a reconstruction made here (a named setting wherever the
     lam ~ U(0, min(lambda_max, 0.5)); pi = randperm(B)     # one lam per batch [C]
     A_mix = lam * A_l + (1 - lam) * A_u[pi]                # feature-level mixing after ASPP [C]
     A_mix = MITrans(A_mix)                                 # optional; off in every released config [C]
-    z_mix = mix_head(A_mix)                                # a second head, own weights [C]
+    z_mix = mix_head(A_mix)                                # a second head of the main head's shape, own weights [C]
     z_dec = z_mix - lam * z_l                              # z_l = the main head on x_l, NOT detached [C]
     L = focal_sigmoid(z_dec, onehot(argmax(sg(z_u[pi]))))  # gamma 0.5, alpha 0.5, mean over pixels x classes [C]
 
 with weight 10 [C]. The code draws lam ~ Beta(1, 1), takes min(lam, 1 - lam) and redraws while
 lam >= lambda_max: that is exactly U(0, min(lambda_max, 0.5)), drawn here in one step from the global torch
 RNG (which the trainer seeds per rank and checkpoints, so runs are reproducible and resume exactly).
+``detach_zl: true`` stops the decoupling's gradient into z_l [I, an ablation]. Attached (the code), the
+focal term also trains the main head on x_l (its gradient there is -lam times the one on z_dec); the
+review of December 2026 measured it at about 30 % of the labeled CE's gradient, of opposite sign, at init.
 
-Head architecture (setting ``head``) [I]. The code's mixing head is mmseg's ASPPHead minus the ASPP branches:
-a 3x3 bottleneck conv-BN-ReLU on the concatenated branches (2560 -> 512), dropout 0.1, a 1x1 classifier, at
-the ASPP resolution (no low-level features: it is DeepLabV3). Our model is DeepLabV3+ and its ``aspp``
-output is already projected (1x1, 5A -> A), so:
+Head architecture (setting ``head``). The code builds the mixing head as a second, separately initialised
+copy of its main decode head (mmseg's ASPPHead: 3x3 bottleneck conv-BN-ReLU 2560 -> 512, dropout 0.1, 1x1
+``conv_seg``) and runs its part after the ASPP branches on A_mix, so z_mix comes out at the stride of z_l
+(1/8) and ``z_mix - lam * z_l`` compares like with like [C]. Our model is DeepLabV3+: z_l is the decoder's
+output at c1's stride (4 on DeepLabV3+, 2 on the small model), made from ``aspp`` and the reduced low-level
+features ``low``. So:
 
-- ``head: aspp`` (default, the code's structure): 3x3 conv-BN-ReLU (A -> D) -> Dropout2d(``head_dropout``)
-  -> 1x1 classifier on A_mix at c4 resolution, then bilinear upsampling (align_corners, as the decoder) to
-  the decoder resolution of z_l. Cheap: one small conv at stride 16 (8 on the small model).
-- ``head: decoder``: a copy of our decoder after ASPP: the reduced low-level features are mixed the same
-  way (low_mix = lam * low_l + (1 - lam) * low_u[pi]), then two 3x3 fuse convs on cat(low_mix,
-  up(A_mix)) and a 1x1 classifier, at decoder resolution (costs about one more decoder pass).
+- ``head: decoder`` (default; the code's "two identical heads" on our model): a copy of our decoder after
+  ASPP, its own weights: the low-level features are mixed the same way (low_mix = lam * low_l + (1 - lam) *
+  low_u[pi]), then the two 3x3 fuse convs on cat(low_mix, up(A_mix)), Dropout2d(``head_dropout``) and the
+  1x1 classifier, at z_l's resolution. Costs about one more decoder pass on B_u images (no encoder).
+- ``head: aspp`` (the old default, kept as an ablation): 3x3 conv-BN-ReLU (A -> D) -> Dropout2d -> 1x1
+  classifier on A_mix at c4's stride (16; 8 on the small model), bilinearly upsampled (align_corners, as the
+  decoder) to z_l's resolution. Cheaper, but z_mix is then a smooth upsampled map while z_l carries the
+  decoder's stride-4 detail, so ``z_mix - lam * z_l`` cannot cancel the labeled share [I].
 
-Both heads use BatchNorm without running statistics: the head only ever runs in training (evaluation uses
-the segmentation model alone), so there is no buffer to drift apart between DDP ranks.
+The mix head's classifier starts as mmseg's ``conv_seg``: normal(0, 0.01), zero bias (``cls_init: normal``;
+``kaiming`` = the Kaiming fan-out init of our other convs). Its convs are Kaiming (fan-out, ReLU), BN weight
+1, bias 0, as mmcv's ConvModule. Both heads use BatchNorm without running statistics: the head only ever runs
+in training (evaluation uses the segmentation model alone), so there is no buffer to drift apart between DDP
+ranks.
 
 Other choices in code mode: the loss is computed at decoder resolution (the code: at the head's 1/8);
 padding pixels of the unlabeled image (``ignore_mask_u == 255``) are left out of the mean (the code counts
@@ -58,7 +68,10 @@ The pseudo mask is an argmax, so no gradient reaches the mixed forward through L
 MITrans in paper mode is therefore trained by the separate term ``guidedmix_mix``, the mixup loss on the
 mixed image, lam * CE(z_mix, y_l) + (1 - lam) * CE(z_mix, teacher mask, confident pixels) [I]. Its
 refinement is residual: a zero-initialised 1x1 classifier on MITrans(features) is added to the student's
-logits on x_mix, so it starts as the identity.
+logits on x_mix, so it starts as the identity. The no-grad mixed forward runs the student in train mode
+(batch statistics, as z_l was made) but leaves the student's BatchNorm running statistics untouched, so
+mixup images never reach the statistics evaluation uses; with ``guidedmix_mix`` it is a training forward
+(with gradient) and updates them like any other student forward [I].
 
 MITrans (``mitrans: true``, both modes) [C module, unused in the released configs]: 3x3 conv-BN-ReLU ->
 non-local block (embedded gaussian, reduction 2, scaled by 1/sqrt(C/2), zero-initialised output conv so it
@@ -78,7 +91,7 @@ code); ``guidedmix_paper`` = supervised + paper mode (weight 1). ``unimatch+guid
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -102,8 +115,10 @@ class GuidedMixConfig(TermConfig):
     mitrans: bool = False  # the non-local MITrans module on the mixed features
     mitrans_pool: int = 1  # average-pool keys/values of the non-local attention by this factor
     # code mode
-    head: str = "aspp"  # aspp: conv + classifier on A_mix at c4 resolution | decoder: mix low too, copy of fuse
+    head: str = "decoder"  # decoder: copy of the main decoder after ASPP, at z_l's stride | aspp: at c4's stride
     head_dropout: float = 0.1  # Dropout2d before the mix head's classifier (mmseg decode heads: 0.1)
+    cls_init: str = "normal"  # mix head classifier: normal: N(0, 0.01), zero bias (mmseg conv_seg) | kaiming
+    detach_zl: bool = False  # stop the decoupling's gradient into z_l (the code does not: false)
     focal_gamma: float = 0.5
     focal_alpha: float = 0.5
     # paper mode
@@ -112,7 +127,8 @@ class GuidedMixConfig(TermConfig):
     pseudo_thresh: float = 0.0  # pixels whose fused confidence is below are left out
 
     CHOICES: ClassVar[dict[str, tuple]] = {"mode": ("code", "paper"), "pairing": ("auto", "random", "similarity"),
-                                           "head": ("aspp", "decoder"), "pseudo": ("decoupled", "self")}
+                                           "head": ("decoder", "aspp"), "cls_init": ("normal", "kaiming"),
+                                           "pseudo": ("decoupled", "self")}
 
     def problems(self) -> list[tuple[str, str]]:
         bad = []
@@ -175,6 +191,27 @@ def _conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     """conv -> BN (batch statistics only: the module never runs in eval) -> ReLU."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
                          nn.BatchNorm2d(cout, track_running_stats=False), nn.ReLU(inplace=True))
+
+
+@contextmanager
+def frozen_bn_stats(forward):
+    """While inside, the student's BatchNorm layers normalise with batch statistics (train mode) but leave
+    their running statistics and ``num_batches_tracked`` untouched (``track_running_stats`` off for the
+    duration). ``forward`` is ``StepOutputs.student_forward``: the bound ``TeacherStudent.forward_student``
+    (its ``student_module`` is the bare model, the same layers a DDP wrapper runs) or a module itself; any
+    other callable has no layers to reach and runs unchanged."""
+    model = getattr(getattr(forward, "__self__", None), "student_module", None)
+    if model is None and isinstance(forward, nn.Module):
+        model = forward
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats] if model is not None else []
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
 
 
 def _amp(t: torch.Tensor):
@@ -275,6 +312,9 @@ class GuidedMixModule(MethodModule):
                 self.head = nn.Sequential(nn.Dropout2d(cfg.head_dropout), nn.Conv2d(d, k, 1))
                 init_weights(self.fuse)
             init_weights(self.head)
+            if cfg.cls_init == "normal":  # mmseg BaseDecodeHead: conv_seg ~ N(0, 0.01), bias 0
+                nn.init.normal_(self.head[-1].weight, std=0.01)
+                nn.init.zeros_(self.head[-1].bias)
         elif cfg.mitrans:
             d = dims["features"]
             self.mitrans = MITrans(d, cfg.mitrans_pool)
@@ -305,7 +345,8 @@ class GuidedMixModule(MethodModule):
         l_idx, u_idx = pair_indices(self.pairing, px["c4"], pu["c4"])
         z = self.mix_logits(px, pu, lam, l_idx, u_idx).float()  # [n, K, h1, w1]
         if cfg.decouple:
-            z = z - lam * px["logits_low"][l_idx].float()  # z_l keeps its gradient (as the code)
+            z_l = px["logits_low"][l_idx].float()  # keeps its gradient unless detach_zl (the code: kept)
+            z = z - lam * (z_l.detach() if cfg.detach_zl else z_l)
         target = pu["logits_low"][u_idx].detach().argmax(1)  # [n, h1, w1]
         pad = F.interpolate(out.ignore_mask_u[u_idx, None].float(), size=z.shape[-2:], mode="nearest")[:, 0]
         valid = pad != ctx.ignore_index
@@ -325,7 +366,8 @@ class GuidedMixModule(MethodModule):
         lam = sample_lambda(self.cfg.lambda_max)
         l_idx, u_idx = pair_indices(self.pairing, px["c4"], pu["c4"])
         x_mix = lam * out.img_x[l_idx] + (1.0 - lam) * out.img_u_w[u_idx]  # [B_u, 3, H, W]
-        with torch.set_grad_enabled(self.train_mix and torch.is_grad_enabled()):
+        grad = self.train_mix and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), (nullcontext() if grad else frozen_bn_stats(out.student_forward)):
             m = out.student_forward(x_mix)
             z_mix = m["logits"]
             if self.mitrans is not None:
