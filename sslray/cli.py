@@ -186,9 +186,11 @@ def _data_parser(sub) -> None:
 
 
 def _load_config(path: str | None, overrides: list[str]) -> TrialConfig:
-    if path is None:
-        return TrialConfig().with_overrides(overrides)
-    return TrialConfig.from_yaml(path, overrides)
+    from sslray.registries import check_names
+
+    cfg = TrialConfig().with_overrides(overrides) if path is None else TrialConfig.from_yaml(path, overrides)
+    check_names(cfg, path)
+    return cfg
 
 
 def _init_distributed() -> bool:
@@ -297,7 +299,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 n = f"search of {study.search.num_samples} samples" if study.search else f"{len(study.trials())} trials"
                 print(f"{path}: ok (study {study.name}, {n})")
             else:
-                cfg = TrialConfig.from_yaml(path)
+                cfg = _load_config(path, [])
                 print(f"{path}: ok (trial {cfg.short_id()}, method {cfg.method.name})")
         except ConfigError as e:
             print(f"sslray: error: {e}", file=sys.stderr)

@@ -10,6 +10,11 @@ Unknown keys and wrong types are errors that name the source (file) and the dott
 
 Methods are presets (data, see ``sslray.methods.METHOD_PRESETS``): ``method.name: unimatch`` fills in the
 teacher, thresholds and loss terms, and anything the user writes under ``method`` is merged on top.
+
+Imports go one way: this module imports the method registry (late, inside the builder: the registry imports torch)
+and nothing it imports imports it back; a term's settings type, ``TermConfig``, lives with the other method types
+in ``sslray.methods.base``. Model, dataset and eval-mode names are checked against their registries by
+``sslray.registries.check_names`` (those registries import this module for their config types).
 """
 from __future__ import annotations
 
@@ -111,24 +116,13 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
-class TermConfig:
-    """A loss term: its weight, plus settings in subclasses registered in ``sslray.methods.TERMS``."""
-
-    weight: float = 1.0
-
-    def problems(self) -> list[tuple[str, str]]:
-        """Invalid settings as (setting, what was expected); subclasses check ranges the generic rules miss."""
-        return []
-
-
-@dataclass(frozen=True)
 class MethodConfig:
     name: str = "supervised"  # a preset from sslray.methods.METHOD_PRESETS, or "a+b" to compose presets
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     conf_thresh: float = 0.95  # tau: pseudo-labels with confidence below are masked out
     global_div: float = 1.0  # the total loss is sum(weight * term) / global_div (UniMatch's "/ 2")
     mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll: the same batch rolled
-    terms: Mapping[str, TermConfig] = field(default_factory=dict)
+    terms: Mapping[str, Any] = field(default_factory=dict)  # term name -> sslray.methods.base.TermConfig (subclass)
 
 
 @dataclass(frozen=True)
@@ -518,7 +512,7 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
         if tname not in TERMS:
             raise ConfigError(source, f"{p}terms.{tname}",
                               f"unknown loss term (expected one of: {', '.join(TERMS)})")
-        terms[tname] = _build(TERMS[tname].config_cls, tval or {}, f"{p}terms.{tname}", source)
+        terms[tname] = _build_term(TERMS[tname].config_cls, tval or {}, f"{p}terms.{tname}", source)
     rest = {k: v for k, v in merged.items()}
     hints = typing.get_type_hints(MethodConfig)
     fields = [f.name for f in dataclasses.fields(MethodConfig)]
@@ -533,11 +527,21 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
     return obj
 
 
+def _build_term(cls: type, d: Any, path: str, source: str | None) -> Any:
+    """A term's settings (a ``TermConfig`` subclass): the generic rules, a weight >= 0, then its ``problems()``."""
+    obj = _build(cls, d, path, source)
+    if obj.weight < 0:
+        raise ConfigError(source, f"{path}.weight", f"expected a non-negative weight, got {obj.weight!r}")
+    for key, message in obj.problems():
+        raise ConfigError(source, f"{path}.{key}", message)
+    return obj
+
+
 def _check_families(method: MethodConfig, prefix: str, source: str | None) -> None:
     """Settings that must agree across the active terms of one family (e.g. PCR's shared prototypes)."""
     from sslray.methods import FAMILIES, TERMS
 
-    by_family: dict[str, dict[str, TermConfig]] = {}
+    by_family: dict[str, dict[str, Any]] = {}
     for name, tcfg in method.terms.items():
         family = TERMS[name].family
         if tcfg.weight > 0 and family is not None:
@@ -549,7 +553,6 @@ def _check_families(method: MethodConfig, prefix: str, source: str | None) -> No
 
 
 _CHOICES = {
-    (ModelConfig, "name"): ("small", "deeplabv3plus"),
     (ModelConfig, "backbone"): ("resnet18", "resnet50", "resnet101"),
     (ModelConfig, "output_stride"): (8, 16),
     (TeacherConfig, "kind"): ("self", "ema"),
@@ -557,7 +560,6 @@ _CHOICES = {
     (TrainConfig, "amp"): ("none", "bf16", "fp16"),
     (TrainConfig, "eval_model"): ("student", "teacher"),
     (RunConfig, "progress"): ("auto", "on", "off"),
-    (DataConfig, "eval_mode"): (None, "original", "center_crop", "sliding_window", "sliding_window_v2"),
 }
 _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dropout", "conf_thresh", "ema_alpha"}
 _POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
@@ -580,11 +582,6 @@ def _check(obj: Any, path: str, source: str | None) -> None:
             raise ConfigError(source, key, f"expected a positive value, got {v!r}")
         if f.name in _NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
             raise ConfigError(source, key, f"expected a non-negative value, got {v!r}")
-    if isinstance(obj, TermConfig) and obj.weight < 0:
-        raise ConfigError(source, p + "weight", f"expected a non-negative weight, got {obj.weight!r}")
-    if isinstance(obj, TermConfig):
-        for key, message in obj.problems():
-            raise ConfigError(source, p + key, message)
     if isinstance(obj, AugConfig):
         for name in ("scale", "blur_sigma", "cutmix_area", "cutmix_ratio"):
             lo, hi = getattr(obj, name)

@@ -750,17 +750,16 @@ def _relocate(e: ConfigError, sets: Mapping[str, Any], path: str, prefix: str, r
 
 
 def _check_semantics(cfg: TrialConfig) -> None:
-    """Checks that need more than one field or the study: the dataset exists, the partition fits its pool, and the
-    trial leaves its output directory to the study (all writes stay under the storage)."""
-    from sslray.data.datasets import DATASETS, list_datasets
+    """Checks that need more than one field or the study: the partition fits its pool, and the trial leaves its
+    output directory to the study (all writes stay under the storage); model, dataset and eval-mode names are
+    checked against their registries (``sslray.registries.check_names``)."""
     from sslray.data.splits import parse_partition_spec
+    from sslray.registries import check_names
 
+    check_names(cfg)
     if cfg.run.out_dir is not None:
         raise ConfigError(None, "run.out_dir", "set by the study (every trial writes under <storage>/trials/<trial "
                                                "id>); remove it and choose the storage instead")
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(None, "data.dataset",
-                          f"unknown dataset {cfg.data.dataset!r} (known: {', '.join(list_datasets())})")
     if cfg.data.dataset == "synthetic":  # real datasets: the pool size is only known with the files on disk
         try:
             parse_partition_spec(cfg.data.partition, cfg.data.synthetic.num_train)
