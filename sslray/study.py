@@ -88,7 +88,7 @@ class ReportSpec:
     Against the baseline: ``significance`` is the paired test over seeds (``auto``: exact Wilcoxon from 6 seeds on,
     else a paired t-test; ``t``, ``wilcoxon``, ``none``), Holm-corrected at ``alpha``; ``bootstrap`` resamples of the
     validation images give CIs (0: off). ``paper_numbers`` is a YAML file of published numbers printed beside the
-    reproduced ones (path relative to the study file; format in ``sslray.tables.load_paper_numbers``)."""
+    reproduced ones (path relative to the study file; format in :func:`load_paper_numbers`)."""
 
     rows: str = "method.name"
     cols: str = "data.partition"
@@ -457,8 +457,6 @@ def _report_stats(spec: ReportSpec, path: str) -> ReportSpec:
     resolved = os.path.join(os.path.dirname(os.path.abspath(path)), spec.paper_numbers)
     if not os.path.isfile(resolved):
         raise ConfigError(path, "report.paper_numbers", f"no such file: {resolved}")
-    from sslray.tables import load_paper_numbers  # late: tables imports this module
-
     paper = load_paper_numbers(resolved)
     if paper.metric is not None and paper.metric != spec.metric:
         raise ConfigError(path, "report.paper_numbers", f"{resolved} holds {paper.metric}, the report shows "
@@ -526,6 +524,55 @@ def row_label(trial: PlannedTrial, key: str) -> str:
     if key == VARIANT:
         return trial.variant if trial.variant is not None else ""
     return cell_label(get_dotted(trial.config.to_dict(), key))
+
+
+# --------------------------------------------------------------------------------------------------
+# paper numbers (read while the study loads, so their errors come before any GPU time)
+
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """Published numbers to print beside reproduced ones: ``numbers[(row, col)]``, in the table's unit."""
+
+    source: str
+    metric: str | None
+    numbers: dict[tuple[str, str], float]
+
+
+def load_paper_numbers(path: str) -> PaperNumbers:
+    """Read a paper-numbers YAML file; ConfigError names the file and the key::
+
+        source: UniMatch (CVPR 2023), Table 1          # printed under the table
+        metric: val/miou                               # optional; must match the table's metric
+        rows:                                          # row label -> column label -> number
+          supervised: {92: 45.1, 183: 55.3}
+          unimatch: {92: 75.2, 183: 77.2}
+    """
+    try:
+        raw = load_yaml(path)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", f"expected a mapping with source, metric and rows, got {type(raw).__name__}")
+    for key in raw:
+        if key not in ("source", "metric", "rows"):
+            raise ConfigError(path, str(key), "unknown key (expected one of: source, metric, rows)")
+    source, metric, rows = raw.get("source"), raw.get("metric"), raw.get("rows")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(path, "source", "required: where the numbers come from (paper, table)")
+    if metric is not None and not isinstance(metric, str):
+        raise ConfigError(path, "metric", f"expected a metric name like val/miou, got {metric!r}")
+    if not isinstance(rows, dict) or not rows:
+        raise ConfigError(path, "rows", "expected a mapping of row label -> {column label: number}")
+    numbers = {}
+    for r, by_col in rows.items():
+        if not isinstance(by_col, dict):
+            raise ConfigError(path, f"rows.{r}", f"expected a mapping of column label -> number, got {by_col!r}")
+        for c, v in by_col.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(path, f"rows.{r}.{c}", f"expected a number, got {v!r}")
+            numbers[(cell_label(r), cell_label(c))] = float(v)
+    return PaperNumbers(source.strip(), metric, numbers)
 
 
 # --------------------------------------------------------------------------------------------------

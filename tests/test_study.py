@@ -83,7 +83,7 @@ def test_ablation_expands_baseline_and_variants(tmp_path):
 
 
 def test_three_varied_axes_load_and_tables_refuse_mixed_cells(tmp_path):
-    from sslray.tables import comparison_table
+    from sslray.report import comparison_table
 
     path = write(tmp_path, HEAD + "grid: {method.name: [supervised, fixmatch], optim.lr: [0.1, 0.2], "
                                   "data.partition: [\"16\", \"64\"]}\n")
