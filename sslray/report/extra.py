@@ -263,7 +263,7 @@ def _importances(study: "Study", recs: list[dict]) -> Listing:
     import optuna
 
     s = study.search
-    dists = {k: _distribution(v) for k, v in s.space.items()}
+    dists = {k: d.optuna() for k, d in s.space.items()}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line in a table
     try:
@@ -282,19 +282,6 @@ def _importances(study: "Study", recs: list[dict]) -> Listing:
     except (ValueError, RuntimeError) as e:
         return Listing(["parameter", "importance"], [], title, [f"not computed: {e}"])
     return Listing(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in imp.items()], title)
-
-
-def _distribution(spec: dict):
-    import optuna.distributions as od
-
-    (kind, args), = spec.items()
-    if kind == "uniform":
-        return od.FloatDistribution(args[0], args[1])
-    if kind == "loguniform":
-        return od.FloatDistribution(args[0], args[1], log=True)
-    if kind == "int":
-        return od.IntDistribution(args[0], args[1], step=args[2] if len(args) > 2 else 1)
-    return od.CategoricalDistribution(list(args))
 
 
 def _optuna_value(v: Any, dist) -> Any:
