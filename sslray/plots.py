@@ -10,6 +10,9 @@
 * **curves**: the metric over training iterations, one panel per column (partition), one line per row with the
   seed band, from the per-evaluation history.
 
+The tables behind the efficiency and ablation figures come from ``sslray.report.study_report`` (sections
+``efficiency`` and ``ablation``), the same route as ``sslray table`` and the W&B summary run.
+
 Each ``*_figure`` function returns a ``matplotlib.figure.Figure`` built without pyplot (no global state, no
 display: the Agg canvas renders it), so callers and tests can inspect its lines, bars and labels before saving.
 """

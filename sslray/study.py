@@ -12,6 +12,14 @@ Everything is checked when the file is loaded, before any GPU time is spent, and
 ``studies/x.yaml: grid.optim.lr: expected a number, got 'fast'``. Grid values, ablation overrides and search bounds
 are validated by building the configs they produce, so they obey exactly the rules of ``sslray.config``.
 
+The sections other than ``base``/``grid``/``ablation``/``seeds`` (``resources``, ``report``, ``tracking``, ``search``
+and its ``scheduler``) are frozen dataclasses built by ``sslray.config.build_section``, the same builder as the trial
+config: unknown keys and types, then each class's ``CHOICES``, ``RANGES`` and ``problems()``. A search space is parsed once
+into :class:`Distribution` objects (Optuna, Tune and the report read their fields). Names of models, datasets and
+eval modes are checked against their registries by ``sslray.registries.check_names`` for every cell, and a
+``report.paper_numbers`` file is read here (:func:`load_paper_numbers`), so the report package imports this module
+and never the reverse.
+
 How a cell is built: the ``base`` section *as written* (plus ``--set`` overrides), with the cell's dotted keys set on
 it, then ``TrialConfig.from_dict``. Building from the written section rather than the resolved config matters for a
 ``method.name`` axis: each method is re-derived from its own preset, while keys the user wrote under ``base.method``
