@@ -186,9 +186,11 @@ def _data_parser(sub) -> None:
 
 
 def _load_config(path: str | None, overrides: list[str]) -> TrialConfig:
-    if path is None:
-        return TrialConfig().with_overrides(overrides)
-    return TrialConfig.from_yaml(path, overrides)
+    from sslray.registries import check_names
+
+    cfg = TrialConfig().with_overrides(overrides) if path is None else TrialConfig.from_yaml(path, overrides)
+    check_names(cfg, path)
+    return cfg
 
 
 def _init_distributed() -> bool:
@@ -297,7 +299,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 n = f"search of {study.search.num_samples} samples" if study.search else f"{len(study.trials())} trials"
                 print(f"{path}: ok (study {study.name}, {n})")
             else:
-                cfg = TrialConfig.from_yaml(path)
+                cfg = _load_config(path, [])
                 print(f"{path}: ok (trial {cfg.short_id()}, method {cfg.method.name})")
         except ConfigError as e:
             print(f"sslray: error: {e}", file=sys.stderr)
@@ -316,52 +318,18 @@ def _print_plan(study, todo, skipped, storage: str) -> None:
 
 
 def _table(study, storage: str, fmt: str, **over) -> str:
-    """The study's report as text: the comparison (or ablation) table with significance, CIs and paper numbers
-    (``over`` may override report keys), or the per-class / pseudo / cost / manifest tables when asked for; a
-    search study's best configs, importances and history."""
-    from sslray import tables
+    """The study's report as text (``sslray.report.study_report``): the comparison (or ablation) table, or the
+    per-class / pseudo / cost / manifest tables when asked for; a search study's best configs, importances and
+    history. ``over`` holds those flags and the report keys the command line overrides."""
+    from sslray.report import render, study_report
     from sslray.results import ResultsStore
 
-    rep = study.report
     store = ResultsStore(storage)
-    df = store.load()
-    if study.search is not None:
-        return "\n".join(tables.render(x, fmt) for x in tables.search_listings(study, df))
-    planned = study.trials(unique=False)
-    rows, cols = over.get("rows") or rep.rows, over.get("cols") or rep.cols
-    sections: list = []
-    if over.get("per_class"):
-        sections.append(tables.per_class_table(df, planned, rows, cols))
-    if over.get("pseudo"):
-        sections.append(tables.pseudo_table(df, store.load_history(), planned, rows, cols))
-    if over.get("cost"):
-        sections.append(tables.cost_listing(df, planned, rows, cols))
-    if over.get("manifest"):
-        sections.append(tables.manifest(df, planned, rows, cols))
-    if not sections:
-        sections.append(_main_table(study, df, planned, rows, cols, over))
-    return "\n".join(tables.render(s, fmt) for s in sections)
-
-
-def _main_table(study, df, planned, rows: str, cols: str, over: dict):
-    from sslray import tables
-
-    rep = study.report
-    metric, agg = over.get("metric") or rep.metric, over.get("agg") or rep.agg
-    baseline = over.get("baseline") or rep.baseline
-    if study.ablation is not None and rows == "variant" and baseline == study.ablation.baseline:
-        table = tables.ablation_table(study, df, metric, agg, cols)
-    else:
-        table = tables.comparison_table(df, planned, rows, cols, metric, agg, baseline)
-    alpha = over.get("alpha") if over.get("alpha") is not None else rep.alpha
-    table = tables.with_significance(table, over.get("significance") or rep.significance, alpha)
-    n_boot = over.get("bootstrap") if over.get("bootstrap") is not None else rep.bootstrap
-    if n_boot:
-        table = tables.with_bootstrap(table, df, n_boot)
-    paper = over.get("paper") or rep.paper_numbers
-    if paper:
-        table = tables.with_paper_numbers(table, tables.load_paper_numbers(paper))
-    return table
+    flags = {"per_class": "per_class", "pseudo": "pseudo_labels", "cost": "cost", "manifest": "manifest"}
+    sections = [name for flag, name in flags.items() if over.pop(flag, None)] or ["comparison"]
+    history = store.load_history() if "pseudo_labels" in sections and study.search is None else None
+    report = study_report(study, store.load(), history, sections, **over)
+    return "\n".join(render(s, fmt) for s in report.values())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

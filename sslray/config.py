@@ -10,6 +10,11 @@ Unknown keys and wrong types are errors that name the source (file) and the dott
 
 Methods are presets (data, see ``sslray.methods.METHOD_PRESETS``): ``method.name: unimatch`` fills in the
 teacher, thresholds and loss terms, and anything the user writes under ``method`` is merged on top.
+
+Imports go one way: this module imports the method registry (late, inside the builder: the registry imports torch)
+and nothing it imports imports it back; a term's settings type, ``TermConfig``, lives with the other method types
+in ``sslray.methods.base``. Model, dataset and eval-mode names are checked against their registries by
+``sslray.registries.check_names`` (those registries import this module for their config types).
 """
 from __future__ import annotations
 
@@ -111,24 +116,13 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
-class TermConfig:
-    """A loss term: its weight, plus settings in subclasses registered in ``sslray.methods.TERMS``."""
-
-    weight: float = 1.0
-
-    def problems(self) -> list[tuple[str, str]]:
-        """Invalid settings as (setting, what was expected); subclasses check ranges the generic rules miss."""
-        return []
-
-
-@dataclass(frozen=True)
 class MethodConfig:
     name: str = "supervised"  # a preset from sslray.methods.METHOD_PRESETS, or "a+b" to compose presets
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     conf_thresh: float = 0.95  # tau: pseudo-labels with confidence below are masked out
     global_div: float = 1.0  # the total loss is sum(weight * term) / global_div (UniMatch's "/ 2")
     mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll: the same batch rolled
-    terms: Mapping[str, TermConfig] = field(default_factory=dict)
+    terms: Mapping[str, Any] = field(default_factory=dict)  # term name -> sslray.methods.base.TermConfig (subclass)
 
 
 @dataclass(frozen=True)
@@ -470,7 +464,16 @@ def _coerce(t: Any, v: Any, path: str, source: str | None) -> Any:
     raise ConfigError(source, path, f"unsupported field type {_type_name(t)}")
 
 
-def _build(cls: type, d: Any, path: str, source: str | None) -> Any:
+def build_section(cls: type, d: Any, path: str, source: str | None) -> Any:
+    """Any frozen dataclass from a mapping with the rules of this module, for sections beyond ``TrialConfig`` (a
+    study's ``resources``, ``report``, ``tracking``, ``search``): unknown keys and wrong types are errors at
+    ``<path>.<key>``; the class attributes ``CHOICES`` (field -> allowed values) and ``RANGES`` (field ->
+    :class:`Range`) are checked, then ``problems()`` if the class has one ((field, message) pairs; field ``""``
+    reports at ``path`` itself)."""
+    return _build(cls, d, path, source)
+
+
+def _build(cls: type, d: Any, path: str, source: str | None, problems: bool = True) -> Any:
     if isinstance(d, cls):
         return d
     if not isinstance(d, Mapping):
@@ -485,9 +488,21 @@ def _build(cls: type, d: Any, path: str, source: str | None) -> Any:
             raise ConfigError(source, where, f"unknown key (expected one of: {', '.join(fields)})")
     kwargs = {}
     for name, v in d.items():
-        kwargs[name] = _coerce(hints[name], v, f"{path}.{name}" if path else name, source)
+        key = f"{path}.{name}" if path else name
+        rng = _RANGES.get((cls, name), getattr(cls, "RANGES", {}).get(name))
+        try:
+            kwargs[name] = _coerce(hints[name], v, key, source)
+        except ConfigError as e:
+            if rng is not None and rng.typed and e.key == key:  # "expected an integer >= 1, got 'two'"
+                raise ConfigError(source, key, f"expected {rng.words}, got {v!r}") from None
+            raise
+        if rng is not None:
+            _check_range(rng, kwargs[name], v, key, source)
     obj = cls(**kwargs)
     _check(obj, path, source)
+    if problems and callable(getattr(obj, "problems", None)):
+        for name, message in obj.problems():
+            raise ConfigError(source, (f"{path}.{name}" if path else name) if name else path, message)
     return obj
 
 
@@ -518,7 +533,7 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
         if tname not in TERMS:
             raise ConfigError(source, f"{p}terms.{tname}",
                               f"unknown loss term (expected one of: {', '.join(TERMS)})")
-        terms[tname] = _build(TERMS[tname].config_cls, tval or {}, f"{p}terms.{tname}", source)
+        terms[tname] = _build_term(TERMS[tname].config_cls, tval or {}, f"{p}terms.{tname}", source)
     rest = {k: v for k, v in merged.items()}
     hints = typing.get_type_hints(MethodConfig)
     fields = [f.name for f in dataclasses.fields(MethodConfig)]
@@ -533,11 +548,21 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
     return obj
 
 
+def _build_term(cls: type, d: Any, path: str, source: str | None) -> Any:
+    """A term's settings (a ``TermConfig`` subclass): the generic rules, a weight >= 0, then its ``problems()``."""
+    obj = _build(cls, d, path, source, problems=False)
+    if obj.weight < 0:
+        raise ConfigError(source, f"{path}.weight", f"expected a non-negative weight, got {obj.weight!r}")
+    for key, message in obj.problems():
+        raise ConfigError(source, f"{path}.{key}", message)
+    return obj
+
+
 def _check_families(method: MethodConfig, prefix: str, source: str | None) -> None:
     """Settings that must agree across the active terms of one family (e.g. PCR's shared prototypes)."""
     from sslray.methods import FAMILIES, TERMS
 
-    by_family: dict[str, dict[str, TermConfig]] = {}
+    by_family: dict[str, dict[str, Any]] = {}
     for name, tcfg in method.terms.items():
         family = TERMS[name].family
         if tcfg.weight > 0 and family is not None:
@@ -548,8 +573,32 @@ def _check_families(method: MethodConfig, prefix: str, source: str | None) -> No
             raise ConfigError(source, f"{prefix}terms.{key}", message)
 
 
+@dataclass(frozen=True)
+class Range:
+    """Where a number means something: ``low`` / ``high`` (None: unbounded), inclusive unless ``low_open`` /
+    ``high_open``. The error is ``expected <words>, got <value>``; ``typed`` words name the type too (``an integer
+    >= 1``), so a value of the wrong type gets the same message. A tuple field is checked element by element."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    words: str = ""
+    typed: bool = False
+
+    def contains(self, v: float) -> bool:
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        return self.high is None or not (v > self.high or (self.high_open and v == self.high))
+
+
+# Per-class ranges beside the name-based ones below (which also cover the term settings of the method files).
+_RANGES: dict[tuple[type, str], Range] = {
+    (OptimConfig, "momentum"): Range(0.0, 1.0, words="a value in [0, 1]"),
+    (ModelConfig, "aspp_rates"): Range(1, words="dilation rates >= 1"),
+    (AugConfig, "jitter"): Range(0.0, words="non-negative jitter strengths"),
+}
 _CHOICES = {
-    (ModelConfig, "name"): ("small", "deeplabv3plus"),
     (ModelConfig, "backbone"): ("resnet18", "resnet50", "resnet101"),
     (ModelConfig, "output_stride"): (8, 16),
     (TeacherConfig, "kind"): ("self", "ema"),
@@ -557,7 +606,6 @@ _CHOICES = {
     (TrainConfig, "amp"): ("none", "bf16", "fp16"),
     (TrainConfig, "eval_model"): ("student", "teacher"),
     (RunConfig, "progress"): ("auto", "on", "off"),
-    (DataConfig, "eval_mode"): (None, "original", "center_crop", "sliding_window", "sliding_window_v2"),
 }
 _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dropout", "conf_thresh", "ema_alpha"}
 _POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
@@ -580,16 +628,24 @@ def _check(obj: Any, path: str, source: str | None) -> None:
             raise ConfigError(source, key, f"expected a positive value, got {v!r}")
         if f.name in _NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
             raise ConfigError(source, key, f"expected a non-negative value, got {v!r}")
-    if isinstance(obj, TermConfig) and obj.weight < 0:
-        raise ConfigError(source, p + "weight", f"expected a non-negative weight, got {obj.weight!r}")
-    if isinstance(obj, TermConfig):
-        for key, message in obj.problems():
-            raise ConfigError(source, p + key, message)
     if isinstance(obj, AugConfig):
         for name in ("scale", "blur_sigma", "cutmix_area", "cutmix_ratio"):
             lo, hi = getattr(obj, name)
             if not 0 < lo <= hi:
                 raise ConfigError(source, p + name, f"expected 0 < low <= high, got {[lo, hi]}")
+        if obj.jitter[3] > 0.5:  # torchvision's ColorJitter: hue is a fraction of the colour wheel, at most 0.5
+            raise ConfigError(source, p + "jitter[3]", f"expected a hue jitter in [0, 0.5], got {obj.jitter[3]!r}")
+
+
+def _check_range(rng: Range, value: Any, written: Any, key: str, source: str | None) -> None:
+    """``value`` (coerced) against ``rng``; the error shows the value as written (``1``, not ``1.0``)."""
+    if isinstance(value, tuple):
+        items = [(f"{key}[{i}]", x, w) for i, (x, w) in enumerate(zip(value, written))]
+    else:
+        items = [(key, value, written)]
+    for where, x, w in items:
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not rng.contains(x):
+            raise ConfigError(source, where, f"expected {rng.words}, got {w!r}")
 
 
 def _to_plain(obj: Any) -> Any:

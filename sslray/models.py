@@ -11,7 +11,9 @@ bilinear upsampling to the low-level feature c1, a 48-channel (or width-scaled) 
 two 3x3 fuse convs and a 1x1 classifier. Feature perturbation (FP) duplicates c1 and c4 along the batch as
 ``cat(c, Dropout2d(p)(c))`` and decodes both halves, so the same decoder sees clean and perturbed features.
 
-Nothing is ever downloaded: ``ModelConfig.pretrained`` is a local file with torchvision ResNet weights.
+Nothing is ever downloaded: ``ModelConfig.pretrained`` is a local file with torchvision ResNet weights. The layer
+helpers (``upsample``, ``init_weights``, ``conv_bn_relu``) live in ``sslray.layers`` (re-exported here), so the method
+families build their heads without importing this module.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torchvision
 from torch import Tensor, nn
 
 from sslray.config import ModelConfig
+from sslray.layers import conv_bn_relu, init_weights, upsample  # noqa: F401 - re-exported for callers of models
 
 # UniMatch's DeepLabV3+ (model/semseg/deeplabv3plus.py) has no dropout after the ASPP projection; torchvision's
 # DeepLabV3 head has Dropout(0.5) there. We follow UniMatch; set this to 0.5 for the torchvision/paper variant.
@@ -42,33 +45,6 @@ _DILATION = {16: [False, False, True], 8: [False, True, True]}
 
 # --------------------------------------------------------------------------------------------------
 # building blocks
-
-
-def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    """Conv (no bias, BN follows) -> BN -> ReLU, 'same' padding for odd k."""
-    pad = dilation * (k // 2)
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-def init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convs (fan_out, ReLU), BN weight 1 and bias 0, zero conv biases."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear resize with align_corners=True (UniMatch's choice everywhere in its decoder)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class ASPPPooling(nn.Module):

@@ -10,6 +10,9 @@
 * **curves**: the metric over training iterations, one panel per column (partition), one line per row with the
   seed band, from the per-evaluation history.
 
+The tables behind the efficiency and ablation figures come from ``sslray.report.study_report`` (sections
+``efficiency`` and ``ablation``), the same route as ``sslray table`` and the W&B summary run.
+
 Each ``*_figure`` function returns a ``matplotlib.figure.Figure`` built without pyplot (no global state, no
 display: the Agg canvas renders it), so callers and tests can inspect its lines, bars and labels before saving.
 """
@@ -20,8 +23,9 @@ import statistics
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from sslray.report import Table, cell_members, study_report
+from sslray.report.sections import PARTITION
 from sslray.study import VARIANT
-from sslray.tables import Table, ablation_table, cell_members, comparison_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,7 +35,6 @@ if TYPE_CHECKING:
 
 KINDS = ("efficiency", "ablation", "curves")
 PLOT_FORMATS = ("png", "svg")
-PARTITION = "data.partition"
 
 
 def _figure(width: float = 5.0, height: float = 3.6) -> "Figure":
@@ -199,11 +202,11 @@ def plot_study(study: "Study", df: "pd.DataFrame", history: "pd.DataFrame", out_
     paths = []
     for kind in kinds:
         if kind == "efficiency":
-            lines = rep.rows if rep.cols == PARTITION else rep.cols
-            table = comparison_table(df, planned, lines, PARTITION, metric, agg)
+            table = study_report(study, df, sections=["efficiency"], metric=metric, agg=agg)["efficiency"]
             fig = efficiency_figure(table, labeled_counts(planned, storage), f"{study.name}: label efficiency")
         elif kind == "ablation":
-            fig = ablation_figure(ablation_table(study, df, metric, agg), f"{study.name}: ablation")
+            table = study_report(study, df, sections=["ablation"], metric=metric, agg=agg)["ablation"]
+            fig = ablation_figure(table, f"{study.name}: ablation")
         elif kind == "curves":
             rows, cols, members = cell_members(df, planned, rep.rows, rep.cols)
             fig = curves_figure(history, members, rows, cols, metric, rep.rows, rep.cols)

@@ -50,7 +50,7 @@ import ray.tune  # noqa: E402
 from sslray import tracking  # noqa: E402
 from sslray.config import ConfigError, TrialConfig, load_plugins  # noqa: E402
 from sslray.results import ResultsStore, make_row  # noqa: E402
-from sslray.study import PlannedTrial, Study  # noqa: E402
+from sslray.study import Distribution, PlannedTrial, Study  # noqa: E402
 
 DRIVER_RESOURCE = "train_driver"
 
@@ -481,7 +481,7 @@ def _search_setup(study: Study, base_spec: dict, concurrent: int):
                 "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
                 "bruteforce": lambda: optuna.samplers.BruteForceSampler(seed=s.seed),
                 "grid": lambda: optuna.samplers.GridSampler(
-                    {f"params/{k}": list(v["choice"]) for k, v in s.space.items()}, seed=s.seed)}
+                    {f"params/{k}": list(d.choices) for k, d in s.space.items()}, seed=s.seed)}
     space = {"params": {k: _domain(v) for k, v in s.space.items()}}
     searcher = OptunaSearch(metric=s.metric, mode=s.mode, sampler=samplers[s.sampler]())
     scheduler = None
@@ -499,18 +499,17 @@ def _search_setup(study: Study, base_spec: dict, concurrent: int):
     return param_space, cfg
 
 
-def _domain(d: dict):
-    (kind, args), = d.items()
-    if kind == "uniform":
-        return ray.tune.uniform(*args)
-    if kind == "loguniform":
-        return ray.tune.loguniform(*args)
-    if kind == "int":
-        lo, hi, *step = args
-        return ray.tune.qrandint(lo, hi, step[0]) if step else ray.tune.randint(lo, hi + 1)
-    if kind == "choice":
-        return ray.tune.choice(list(args))
-    raise ValueError(f"unknown distribution {kind!r}")
+def _domain(d: Distribution):
+    """The Tune domain of a validated search-space entry (``study.Distribution``)."""
+    if d.kind == "uniform":
+        return ray.tune.uniform(d.low, d.high)
+    if d.kind == "loguniform":
+        return ray.tune.loguniform(d.low, d.high)
+    if d.kind == "int":
+        return ray.tune.qrandint(d.low, d.high, d.step) if d.step is not None else ray.tune.randint(d.low, d.high + 1)
+    if d.kind == "choice":
+        return ray.tune.choice(list(d.choices))
+    raise ValueError(f"unknown distribution {d.kind!r}")
 
 
 MIN_FREE_BYTES = 100 << 20  # a full disk, caught before the first checkpoint fails; not a size estimate

@@ -12,6 +12,14 @@ Everything is checked when the file is loaded, before any GPU time is spent, and
 ``studies/x.yaml: grid.optim.lr: expected a number, got 'fast'``. Grid values, ablation overrides and search bounds
 are validated by building the configs they produce, so they obey exactly the rules of ``sslray.config``.
 
+The sections other than ``base``/``grid``/``ablation``/``seeds`` (``resources``, ``report``, ``tracking``, ``search``
+and its ``scheduler``) are frozen dataclasses built by ``sslray.config.build_section``, the same builder as the trial
+config: unknown keys and types, then each class's ``CHOICES``, ``RANGES`` and ``problems()``. A search space is parsed once
+into :class:`Distribution` objects (Optuna, Tune and the report read their fields). Names of models, datasets and
+eval modes are checked against their registries by ``sslray.registries.check_names`` for every cell, and a
+``report.paper_numbers`` file is read here (:func:`load_paper_numbers`), so the report package imports this module
+and never the reverse.
+
 How a cell is built: the ``base`` section *as written* (plus ``--set`` overrides), with the cell's dotted keys set on
 it, then ``TrialConfig.from_dict``. Building from the written section rather than the resolved config matters for a
 ``method.name`` axis: each method is re-derived from its own preset, while keys the user wrote under ``base.method``
@@ -30,10 +38,11 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from sslray.config import (MAX_YAML_BYTES, ConfigError, MethodConfig, TrialConfig, apply_overrides, flatten,
-                           get_dotted, load_yaml, set_dotted)
+from sslray.config import (MAX_YAML_BYTES, ConfigError, MethodConfig, Range, TrialConfig, apply_overrides,
+                           build_section, flatten, get_dotted, load_yaml, set_dotted)
+from sslray.stats import TESTS
 
 STUDY_KEYS = ("name", "base", "grid", "ablation", "seeds", "search", "resources", "report", "storage", "tracking")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -46,6 +55,8 @@ DISCRETE_SAMPLERS = {"grid": ("choice",), "bruteforce": ("int", "choice")}
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SCHEDULER_TYPES = ("asha",)
 AGGS = ("last", "best")
+AT_LEAST_ONE = Range(1, words="an integer >= 1", typed=True)
+NUMBER_GE_0 = Range(0, words="a number >= 0", typed=True)
 VARIANT = "variant"  # report.rows / report.cols may name the ablation variant instead of a config key
 
 
@@ -54,20 +65,76 @@ VARIANT = "variant"  # report.rows / report.cols may name the ablation variant i
 
 
 @dataclass(frozen=True)
-class SearchSpec:
-    """An Optuna search. ``space`` maps dotted config keys to one distribution each, as written and validated:
-    ``{"uniform": [lo, hi]}``, ``{"loguniform": [lo, hi]}``, ``{"int": [lo, hi]}`` / ``{"int": [lo, hi, step]}``
-    (inclusive), ``{"choice": [a, b, ...]}``. ``scheduler`` is None or an ASHA dict with every key filled in
-    (``type, grace_period, reduction_factor, max_t, brackets``); its time unit is the number of evaluations, and
-    ``max_t`` defaults to the evaluations of ``base`` (``ceil(train.iterations / train.eval_every)``)."""
+class Distribution:
+    """One search-space entry, parsed once from ``{kind: args}``: ``uniform`` / ``loguniform`` ``[low, high]``,
+    ``int`` ``[low, high]`` or ``[low, high, step]`` (inclusive; ``step`` None when not written), ``choice``
+    ``[a, b, ...]``. Optuna (``optuna()``), Ray Tune (``ray_adapter``) and the report read its fields; ``as_dict()``
+    gives the written form back."""
 
-    sampler: str
-    num_samples: int
-    metric: str
-    mode: str
-    space: dict[str, dict]
-    scheduler: dict | None
-    seed: int
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+    choices: tuple = ()
+
+    def as_dict(self) -> dict[str, list]:
+        if self.kind == "choice":
+            return {"choice": list(self.choices)}
+        return {self.kind: [self.low, self.high] + ([self.step] if self.step is not None else [])}
+
+    def optuna(self):
+        """The ``optuna.distributions`` object of this entry (imports optuna)."""
+        import optuna.distributions as od
+
+        if self.kind in ("uniform", "loguniform"):
+            return od.FloatDistribution(self.low, self.high, log=self.kind == "loguniform")
+        if self.kind == "int":
+            return od.IntDistribution(self.low, self.high, step=self.step or 1)
+        return od.CategoricalDistribution(list(self.choices))
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    """ASHA early stopping; the time unit is one evaluation (``train.eval_every`` iterations), and ``max_t``
+    defaults to the evaluations of ``base`` (``ceil(train.iterations / train.eval_every)``)."""
+
+    type: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2
+    brackets: int = 1
+    max_t: int = 1
+
+    CHOICES: ClassVar[dict] = {"type": SCHEDULER_TYPES}
+    RANGES: ClassVar[dict] = {"grace_period": AT_LEAST_ONE, "max_t": AT_LEAST_ONE, "brackets": AT_LEAST_ONE,
+                              "reduction_factor": Range(1, low_open=True, words="a number > 1", typed=True)}
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.grace_period > self.max_t:
+            return [("grace_period", f"{self.grace_period} is more than max_t = {self.max_t} evaluations")]
+        return []
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """An Optuna search. ``space`` maps dotted config keys to one :class:`Distribution` each (validated: bounds
+    and choices are values the config accepts). ``scheduler`` is None or an ASHA dict with every key filled in
+    (``type, grace_period, reduction_factor, brackets, max_t``, see :class:`AshaSpec`)."""
+
+    sampler: str = "tpe"
+    num_samples: int = 1
+    metric: str = "val/miou"
+    mode: str = "max"
+    space: dict[str, Distribution] = dataclasses.field(default_factory=dict)
+    scheduler: dict | None = None
+    seed: int = 0
+
+    CHOICES: ClassVar[dict] = {"sampler": SAMPLERS, "mode": ("max", "min")}
+    RANGES: ClassVar[dict] = {"num_samples": AT_LEAST_ONE, "seed": Range(0, words="a non-negative integer", typed=True)}
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.metric:
+            return [("metric", f"expected a metric name like val/miou, got {self.metric!r}")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -79,6 +146,14 @@ class Resources:
     gpus_per_worker: float = 0
     placement: str = "pack"  # pack: workers share nodes when they fit; spread: one per node where possible
 
+    CHOICES: ClassVar[dict] = {"placement": ("pack", "spread")}
+    RANGES: ClassVar[dict] = {"workers": AT_LEAST_ONE, "cpus_per_worker": NUMBER_GE_0, "gpus_per_worker": NUMBER_GE_0}
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.cpus_per_worker == 0 and self.gpus_per_worker == 0:  # Ray cannot schedule a request for nothing
+            return [("", "cpus_per_worker and gpus_per_worker are both 0; a worker needs some")]
+        return []
+
 
 @dataclass(frozen=True)
 class ReportSpec:
@@ -88,7 +163,7 @@ class ReportSpec:
     Against the baseline: ``significance`` is the paired test over seeds (``auto``: exact Wilcoxon from 6 seeds on,
     else a paired t-test; ``t``, ``wilcoxon``, ``none``), Holm-corrected at ``alpha``; ``bootstrap`` resamples of the
     validation images give CIs (0: off). ``paper_numbers`` is a YAML file of published numbers printed beside the
-    reproduced ones (path relative to the study file; format in ``sslray.tables.load_paper_numbers``)."""
+    reproduced ones (path relative to the study file; format in :func:`load_paper_numbers`)."""
 
     rows: str = "method.name"
     cols: str = "data.partition"
@@ -100,6 +175,17 @@ class ReportSpec:
     bootstrap: int = 0
     paper_numbers: str | None = None
 
+    CHOICES: ClassVar[dict] = {"agg": AGGS, "significance": TESTS}
+    RANGES: ClassVar[dict] = {"alpha": Range(0, 1, True, True, "a number between 0 and 1", typed=True),
+                              "bootstrap": Range(0, words="a number of resamples >= 0", typed=True)}
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.metric:
+            return [("metric", f"expected a metric name like val/miou, got {self.metric!r}")]
+        if self.paper_numbers is not None and not self.paper_numbers.strip():
+            return [("paper_numbers", f"expected a YAML file path, got {self.paper_numbers!r}")]
+        return []
+
 
 @dataclass(frozen=True)
 class TrackingSpec:
@@ -109,6 +195,15 @@ class TrackingSpec:
     wandb: str | None = None
     project: str = "sslray"
     entity: str | None = None
+
+    CHOICES: ClassVar[dict] = {"wandb": (None, *WANDB_MODES)}
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not NAME_RE.fullmatch(self.project):
+            return [("project", f"expected a W&B project name ([A-Za-z0-9_.-]+), got {self.project!r}")]
+        if self.entity is not None and not self.entity.strip():
+            return [("entity", f"expected a W&B entity (user or team) name, got {self.entity!r}")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -171,8 +266,9 @@ class Study:
         return out
 
     def search_space(self) -> dict:
-        """The validated search space (dotted key -> ``{distribution: args}``); ``{}`` without a search."""
-        return copy.deepcopy(self.search.space) if self.search else {}
+        """The validated search space as written (dotted key -> ``{distribution: args}``); ``{}`` without a search.
+        ``search.space`` holds the same as :class:`Distribution` objects."""
+        return {k: d.as_dict() for k, d in self.search.space.items()} if self.search else {}
 
     def trial_from_params(self, params: Mapping[str, Any], seed: int) -> TrialConfig:
         """The config of a search sample: ``base`` with the dotted ``params`` set, ``seed``, and the name
@@ -379,26 +475,7 @@ def _seeds(seeds: Any, path: str) -> tuple[int, ...]:
 
 
 def _resources(section: Any, path: str) -> Resources:
-    section = {} if section is None else section
-    if not isinstance(section, dict):
-        raise ConfigError(path, "resources", f"expected a mapping, got {section!r}")
-    names = [f.name for f in dataclasses.fields(Resources)]
-    for key, v in section.items():
-        where = f"resources.{key}"
-        if key not in names:
-            raise ConfigError(path, where, f"unknown key (expected one of: {', '.join(names)})")
-        if key == "workers" and not (_is_int(v) and v >= 1):
-            raise ConfigError(path, where, f"expected an integer >= 1, got {v!r}")
-        if key == "placement":
-            if v not in ("pack", "spread"):
-                raise ConfigError(path, where, f"expected one of ['pack', 'spread'], got {v!r}")
-            continue
-        if key != "workers" and not (_is_number(v) and v >= 0):
-            raise ConfigError(path, where, f"expected a number >= 0, got {v!r}")
-    res = Resources(**section)
-    if res.cpus_per_worker == 0 and res.gpus_per_worker == 0:  # Ray cannot schedule a request for nothing
-        raise ConfigError(path, "resources", "cpus_per_worker and gpus_per_worker are both 0; a worker needs some")
-    return res
+    return build_section(Resources, {} if section is None else section, "resources", path)
 
 
 def _storage(value: Any, name: str, path: str) -> str:
@@ -419,11 +496,7 @@ def _report(section: Any, path: str, grid: dict[str, list], ablation: Ablation |
     section = {} if section is None else section
     if not isinstance(section, dict):
         raise ConfigError(path, "report", f"expected a mapping, got {section!r}")
-    names = [f.name for f in dataclasses.fields(ReportSpec)]
-    for key in section:
-        if key not in names:
-            raise ConfigError(path, f"report.{key}", f"unknown key (expected one of: {', '.join(names)})")
-    spec = ReportSpec(**{"rows": VARIANT if ablation else ReportSpec.rows, **section})
+    spec = build_section(ReportSpec, {"rows": VARIANT if ablation else ReportSpec.rows, **section}, "report", path)
     if ablation and spec.rows == VARIANT and "baseline" not in section:
         spec = dataclasses.replace(spec, baseline=ablation.baseline)
     for key in ("rows", "cols"):
@@ -431,34 +504,19 @@ def _report(section: Any, path: str, grid: dict[str, list], ablation: Ablation |
     if spec.rows == spec.cols:
         raise ConfigError(path, "report.cols", f"is the same key as report.rows ({spec.rows!r})")
     _report_covers_axes(spec, path, grid, ablation)
-    if not isinstance(spec.metric, str) or not spec.metric:
-        raise ConfigError(path, "report.metric", f"expected a metric name like val/miou, got {spec.metric!r}")
-    if spec.agg not in AGGS:
-        raise ConfigError(path, "report.agg", f"expected one of {list(AGGS)}, got {spec.agg!r}")
     if spec.baseline is not None:
         _report_baseline(spec, path, planned)
-    return _report_stats(spec, path)
+    return _report_paper(spec, path)
 
 
-def _report_stats(spec: ReportSpec, path: str) -> ReportSpec:
-    """Check significance / alpha / bootstrap, and read the paper numbers now (their errors name their own file);
-    ``paper_numbers`` is returned resolved against the study file's directory."""
-    from sslray.stats import TESTS
-
-    _choice(spec.significance, TESTS, "report.significance", path)
-    if not (_is_number(spec.alpha) and 0 < spec.alpha < 1):
-        raise ConfigError(path, "report.alpha", f"expected a number between 0 and 1, got {spec.alpha!r}")
-    if not (_is_int(spec.bootstrap) and spec.bootstrap >= 0):
-        raise ConfigError(path, "report.bootstrap", f"expected a number of resamples >= 0, got {spec.bootstrap!r}")
+def _report_paper(spec: ReportSpec, path: str) -> ReportSpec:
+    """Read the paper numbers now (their errors name their own file); ``paper_numbers`` is returned resolved
+    against the study file's directory."""
     if spec.paper_numbers is None:
         return spec
-    if not isinstance(spec.paper_numbers, str) or not spec.paper_numbers.strip():
-        raise ConfigError(path, "report.paper_numbers", f"expected a YAML file path, got {spec.paper_numbers!r}")
     resolved = os.path.join(os.path.dirname(os.path.abspath(path)), spec.paper_numbers)
     if not os.path.isfile(resolved):
         raise ConfigError(path, "report.paper_numbers", f"no such file: {resolved}")
-    from sslray.tables import load_paper_numbers  # late: tables imports this module
-
     paper = load_paper_numbers(resolved)
     if paper.metric is not None and paper.metric != spec.metric:
         raise ConfigError(path, "report.paper_numbers", f"{resolved} holds {paper.metric}, the report shows "
@@ -467,23 +525,9 @@ def _report_stats(spec: ReportSpec, path: str) -> ReportSpec:
 
 
 def _tracking(section: Any, path: str) -> TrackingSpec:
-    if section is None:
-        return TrackingSpec()
-    if not isinstance(section, dict):
+    if section is not None and not isinstance(section, dict):
         raise ConfigError(path, "tracking", f"expected a mapping like {{wandb: offline}}, got {section!r}")
-    names = [f.name for f in dataclasses.fields(TrackingSpec)]
-    for key in section:
-        if key not in names:
-            raise ConfigError(path, f"tracking.{key}", f"unknown key (expected one of: {', '.join(names)})")
-    spec = TrackingSpec(**section)
-    if spec.wandb is not None:
-        _choice(spec.wandb, WANDB_MODES, "tracking.wandb", path)
-    if not isinstance(spec.project, str) or not NAME_RE.fullmatch(spec.project):
-        raise ConfigError(path, "tracking.project", f"expected a W&B project name ([A-Za-z0-9_.-]+), got "
-                                                    f"{spec.project!r}")
-    if spec.entity is not None and (not isinstance(spec.entity, str) or not spec.entity.strip()):
-        raise ConfigError(path, "tracking.entity", f"expected a W&B entity (user or team) name, got {spec.entity!r}")
-    return spec
+    return build_section(TrackingSpec, section or {}, "tracking", path)
 
 
 def _report_covers_axes(spec: ReportSpec, path: str, grid: dict[str, list], ablation: Ablation | None) -> None:
@@ -529,46 +573,79 @@ def row_label(trial: PlannedTrial, key: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# paper numbers (read while the study loads, so their errors come before any GPU time)
+
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """Published numbers to print beside reproduced ones: ``numbers[(row, col)]``, in the table's unit."""
+
+    source: str
+    metric: str | None
+    numbers: dict[tuple[str, str], float]
+
+
+def load_paper_numbers(path: str) -> PaperNumbers:
+    """Read a paper-numbers YAML file; ConfigError names the file and the key::
+
+        source: UniMatch (CVPR 2023), Table 1          # printed under the table
+        metric: val/miou                               # optional; must match the table's metric
+        rows:                                          # row label -> column label -> number
+          supervised: {92: 45.1, 183: 55.3}
+          unimatch: {92: 75.2, 183: 77.2}
+    """
+    try:
+        raw = load_yaml(path)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", f"expected a mapping with source, metric and rows, got {type(raw).__name__}")
+    for key in raw:
+        if key not in ("source", "metric", "rows"):
+            raise ConfigError(path, str(key), "unknown key (expected one of: source, metric, rows)")
+    source, metric, rows = raw.get("source"), raw.get("metric"), raw.get("rows")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(path, "source", "required: where the numbers come from (paper, table)")
+    if metric is not None and not isinstance(metric, str):
+        raise ConfigError(path, "metric", f"expected a metric name like val/miou, got {metric!r}")
+    if not isinstance(rows, dict) or not rows:
+        raise ConfigError(path, "rows", "expected a mapping of row label -> {column label: number}")
+    numbers = {}
+    for r, by_col in rows.items():
+        if not isinstance(by_col, dict):
+            raise ConfigError(path, f"rows.{r}", f"expected a mapping of column label -> number, got {by_col!r}")
+        for c, v in by_col.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(path, f"rows.{r}.{c}", f"expected a number, got {v!r}")
+            numbers[(cell_label(r), cell_label(c))] = float(v)
+    return PaperNumbers(source.strip(), metric, numbers)
+
+
+# --------------------------------------------------------------------------------------------------
 # search
 
 
 def _search(section: Any, path: str, base: TrialConfig, base_dict: dict) -> SearchSpec | None:
+    """The search section: its settings by the config builder, then the space and the scheduler."""
     if section is None:
         return None
     if not isinstance(section, dict):
         raise ConfigError(path, "search", f"expected a mapping, got {section!r}")
-    names = [f.name for f in dataclasses.fields(SearchSpec)]
-    for key in section:
-        if key not in names:
-            raise ConfigError(path, f"search.{key}", f"unknown key (expected one of: {', '.join(names)})")
-    s = {"sampler": "tpe", "metric": "val/miou", "mode": "max", "scheduler": None, "seed": 0, **section}
-    _choice(s["sampler"], SAMPLERS, "search.sampler", path)
-    _choice(s["mode"], ("max", "min"), "search.mode", path)
-    if "num_samples" not in s:
+    settings = {k: v for k, v in section.items() if k not in ("space", "scheduler")}
+    unknown = set(settings) - {f.name for f in dataclasses.fields(SearchSpec)}
+    if "num_samples" not in section and not unknown:  # an unknown key (a misspelt num_samples?) is the better error
         raise ConfigError(path, "search.num_samples", "required: how many configs to try")
-    if not (_is_int(s["num_samples"]) and s["num_samples"] >= 1):
-        raise ConfigError(path, "search.num_samples", f"expected an integer >= 1, got {s['num_samples']!r}")
-    if not isinstance(s["metric"], str) or not s["metric"]:
-        raise ConfigError(path, "search.metric", f"expected a metric name like val/miou, got {s['metric']!r}")
-    if not (_is_int(s["seed"]) and s["seed"] >= 0):
-        raise ConfigError(path, "search.seed", f"expected a non-negative integer, got {s['seed']!r}")
-    space = _space(s.get("space"), path, base, base_dict)
-    allowed = DISCRETE_SAMPLERS.get(s["sampler"])
+    spec = build_section(SearchSpec, settings, "search", path)
+    space = _space(section.get("space"), path, base, base_dict)
+    allowed = DISCRETE_SAMPLERS.get(spec.sampler)
     for key, dist in space.items():
-        if allowed and next(iter(dist)) not in allowed:
-            raise ConfigError(path, "search.sampler", f"{s['sampler']} enumerates values: {key} needs "
+        if allowed and dist.kind not in allowed:
+            raise ConfigError(path, "search.sampler", f"{spec.sampler} enumerates values: {key} needs "
                                                       f"a distribution of type {' or '.join(allowed)}")
-    s["space"] = space
-    s["scheduler"] = _scheduler(s["scheduler"], path, base)
-    return SearchSpec(**s)
+    return dataclasses.replace(spec, space=space, scheduler=_scheduler(section.get("scheduler"), path, base))
 
 
-def _choice(value: Any, allowed: tuple, where: str, path: str) -> None:
-    if value not in allowed:
-        raise ConfigError(path, where, f"expected one of {list(allowed)}, got {value!r}")
-
-
-def _space(space: Any, path: str, base: TrialConfig, base_dict: dict) -> dict[str, dict]:
+def _space(space: Any, path: str, base: TrialConfig, base_dict: dict) -> dict[str, Distribution]:
     if not isinstance(space, dict) or not space:
         raise ConfigError(path, "search.space", f"expected a non-empty mapping of dotted key -> distribution, "
                                                 f"got {space!r}")
@@ -596,7 +673,7 @@ def _absent_reason(key: str, base: TrialConfig, t: Any) -> str:
     return "is not a value of the base config"
 
 
-def _distribution(dist: Any, key: str, t: Any, path: str, base_dict: dict) -> dict:
+def _distribution(dist: Any, key: str, t: Any, path: str, base_dict: dict) -> Distribution:
     where = f"search.space.{key}"
     if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
         raise ConfigError(path, where, f"expected one distribution, e.g. {{uniform: [low, high]}} "
@@ -614,7 +691,9 @@ def _distribution(dist: Any, key: str, t: Any, path: str, base_dict: dict) -> di
     values = args if kind == "choice" else args[:2]
     for v in values:  # bounds and choices must be values the config accepts
         _build(base_dict, {key: v}, path, where, relocate_all=True)
-    return {kind: list(args)}
+    if kind == "choice":
+        return Distribution(kind, choices=tuple(args))
+    return Distribution(kind, args[0], args[1], args[2] if len(args) > 2 else None)
 
 
 def _check_bounds(args: Any, log: bool) -> str | None:
@@ -649,32 +728,14 @@ _DIST_CHECKS = {
     "choice": _check_choice,
 }
 
-_ASHA_DEFAULTS = {"type": "asha", "grace_period": 1, "reduction_factor": 2, "brackets": 1}
-
-
 def _scheduler(section: Any, path: str, base: TrialConfig) -> dict | None:
-    """ASHA with every key filled in; the time unit is one evaluation (``train.eval_every`` iterations)."""
+    """ASHA with every key filled in (:class:`AshaSpec`); ``max_t`` defaults to the evaluations of ``base``."""
     if section is None:
         return None
     if not isinstance(section, dict):
         raise ConfigError(path, "search.scheduler", f"expected a mapping like {{type: asha}}, got {section!r}")
     evaluations = math.ceil(base.train.iterations / base.train.eval_every)
-    s = {**_ASHA_DEFAULTS, "max_t": evaluations, **section}
-    for key in s:
-        if key not in (*_ASHA_DEFAULTS, "max_t"):
-            raise ConfigError(path, f"search.scheduler.{key}",
-                              f"unknown key (expected one of: {', '.join([*_ASHA_DEFAULTS, 'max_t'])})")
-    _choice(s["type"], SCHEDULER_TYPES, "search.scheduler.type", path)
-    for key in ("grace_period", "max_t", "brackets"):
-        if not (_is_int(s[key]) and s[key] >= 1):
-            raise ConfigError(path, f"search.scheduler.{key}", f"expected an integer >= 1, got {s[key]!r}")
-    if not (_is_number(s["reduction_factor"]) and s["reduction_factor"] > 1):
-        raise ConfigError(path, "search.scheduler.reduction_factor",
-                          f"expected a number > 1, got {s['reduction_factor']!r}")
-    if s["grace_period"] > s["max_t"]:
-        raise ConfigError(path, "search.scheduler.grace_period",
-                          f"{s['grace_period']} is more than max_t = {s['max_t']} evaluations")
-    return s
+    return dataclasses.asdict(build_section(AshaSpec, {"max_t": evaluations, **section}, "search.scheduler", path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -750,17 +811,16 @@ def _relocate(e: ConfigError, sets: Mapping[str, Any], path: str, prefix: str, r
 
 
 def _check_semantics(cfg: TrialConfig) -> None:
-    """Checks that need more than one field or the study: the dataset exists, the partition fits its pool, and the
-    trial leaves its output directory to the study (all writes stay under the storage)."""
-    from sslray.data.datasets import DATASETS, list_datasets
+    """Checks that need more than one field or the study: the partition fits its pool, and the trial leaves its
+    output directory to the study (all writes stay under the storage); model, dataset and eval-mode names are
+    checked against their registries (``sslray.registries.check_names``)."""
     from sslray.data.splits import parse_partition_spec
+    from sslray.registries import check_names
 
+    check_names(cfg)
     if cfg.run.out_dir is not None:
         raise ConfigError(None, "run.out_dir", "set by the study (every trial writes under <storage>/trials/<trial "
                                                "id>); remove it and choose the storage instead")
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(None, "data.dataset",
-                          f"unknown dataset {cfg.data.dataset!r} (known: {', '.join(list_datasets())})")
     if cfg.data.dataset == "synthetic":  # real datasets: the pool size is only known with the files on disk
         try:
             parse_partition_spec(cfg.data.partition, cfg.data.synthetic.num_train)

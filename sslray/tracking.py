@@ -11,10 +11,10 @@ What lands where (``<storage>`` is the study's storage)::
   study, trial id, cell, git state), one ``log`` per evaluation at ``step = iteration``, and the final metrics,
   status and failure reason in the summary. The run id is derived from (study, trial id), so a trial retried after
   a crash continues the same W&B run.
-* **The study summary run** (job type ``summary``) holds the tables as ``wandb.Table`` (comparison or ablation
-  with significance, per-class IoU, pseudo-label quality, cost, manifest; for a search: best configs, importances,
-  history)
-  and the figures of :mod:`sslray.plots` as images.
+* **The study summary run** (job type ``summary``) holds the tables as ``wandb.Table``, taken from
+  ``sslray.report.study_report`` exactly as ``sslray table`` prints them (comparison or ablation with significance,
+  bootstrap CIs and paper numbers as the report block says, per-class IoU, pseudo-label quality, cost, manifest;
+  for a search: best configs, importances, history), and the figures of :mod:`sslray.plots` as images.
 
 Mode: ``tracking: {wandb: offline | online | disabled}`` in the study file, else the ``WANDB_MODE`` environment
 variable, else ``offline`` (no network, no account). ``disabled`` never imports wandb.
@@ -163,7 +163,8 @@ def log_study(study: "Study", storage: str, settings: Mapping[str, Any] | None) 
 def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str:
     import wandb
 
-    from sslray import plots, tables
+    from sslray import plots
+    from sslray.report import frame
     from sslray.results import ResultsStore
 
     store = ResultsStore(storage)
@@ -177,7 +178,7 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
             print(f"sslray: figures left out of the W&B summary run: {e}", file=sys.stderr)
     run = _init(settings, group=study.name, job_type="summary", name=f"{study.name}-summary",
                 config=scrub({"study": study.name, "study_file": os.path.abspath(study.path)}))
-    run.log({f"tables/{name}": wandb.Table(dataframe=tables.frame(t).astype(str)) for name, t in named.items()}
+    run.log({f"tables/{name}": wandb.Table(dataframe=frame(t).astype(str)) for name, t in named.items()}
             | {f"plots/{os.path.splitext(os.path.basename(p))[0]}": wandb.Image(p) for p in figures})
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     run.summary.update({"trials": int(len(df)), **{f"trials_{k}": int(v) for k, v in counts.items()},
@@ -187,23 +188,12 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
 
 
 def study_tables(study: "Study", df: "pd.DataFrame", history: "pd.DataFrame") -> dict[str, Any]:
-    """name -> Table or Listing: what the summary run holds (the same as ``sslray table`` prints)."""
-    from sslray import tables
+    """name -> Table or Listing: what the summary run holds, from ``sslray.report.study_report`` (the same route
+    as ``sslray table``): every grid section (comparison, per-class, pseudo-labels, cost, manifest) or the search
+    listings."""
+    from sslray.report import GRID_SECTIONS, study_report
 
-    if study.search is not None:
-        best, importances, hist = tables.search_listings(study, df)
-        return {"best_configs": best, "importances": importances, "history": hist}
-    rep = study.report
-    planned = study.trials(unique=False)
-    if study.ablation is not None and rep.rows == "variant":
-        main = tables.ablation_table(study, df)
-    else:
-        main = tables.comparison_table(df, planned, rep.rows, rep.cols, rep.metric, rep.agg, rep.baseline)
-    main = tables.with_significance(main, rep.significance, rep.alpha)
-    return {"comparison": main, "per_class": tables.per_class_table(df, planned, rep.rows, rep.cols),
-            "pseudo_labels": tables.pseudo_table(df, history, planned, rep.rows, rep.cols),
-            "cost": tables.cost_listing(df, planned, rep.rows, rep.cols),
-            "manifest": tables.manifest(df, planned, rep.rows, rep.cols)}
+    return study_report(study, df, history, GRID_SECTIONS)
 
 
 def _total(df: "pd.DataFrame", column: str) -> float:

@@ -115,3 +115,29 @@ def test_yaml_scalars_follow_yaml_1_2(tmp_path):
     cfg = TrialConfig.from_yaml(str(p), ["run.checkpoint=false"])
     assert cfg.data.partition == "1_8" and cfg.run.progress == "off" and cfg.optim.lr == 1e-3
     assert cfg.run.checkpoint is False
+
+
+def _imported_modules(path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+@pytest.mark.parametrize("lower, upper", [("methods/*.py", ("sslray.config", "sslray.models")),
+                                          ("layers.py", ("sslray.config", "sslray.models", "sslray.methods")),
+                                          ("study.py", ("sslray.report", "sslray.tables", "sslray.plots"))])
+def test_imports_go_one_way(lower, upper):
+    """config imports the method registry, never the reverse (methods take layer helpers from sslray.layers); the
+    report imports the study, never the reverse (paper numbers are read beside the study loader)."""
+    from pathlib import Path
+
+    import sslray
+
+    root = Path(sslray.__file__).parent
+    for path in root.glob(lower):
+        back = [m for m in _imported_modules(path) if m.startswith(upper)]
+        assert back == [], (path.name, back)

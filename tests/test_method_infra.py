@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from dataclasses import dataclass
 
-from sslray.config import TermConfig, TrialConfig
+from sslray.config import TrialConfig
 from sslray.methods import FAMILIES, METHOD_PRESETS, TERMS, build_method
-from sslray.methods.base import Family, MethodModule, Term, all_gather_cat, all_reduce_sum
+from sslray.methods.base import Family, MethodModule, Term, TermConfig, all_gather_cat, all_reduce_sum
 from sslray.models import build_model
 from sslray.teacher_student import TeacherStudent
 from sslray.trainer import Runtime, fit

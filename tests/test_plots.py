@@ -9,7 +9,7 @@ from PIL import Image
 
 from sslray.plots import (ablation_figure, curves_figure, efficiency_figure, labeled_counts, plot_study, save)
 from sslray.study import load_study
-from sslray.tables import ablation_table, cell_members, comparison_table
+from sslray.report import ablation_table, cell_members, comparison_table
 
 MIOU = {"supervised": {"16": [30.0, 34.0], "64": [40.0, 42.0]}, "unimatch": {"16": [38.0, 40.0], "64": [45.0, 47.0]}}
 

@@ -168,6 +168,6 @@ def test_bad_rows_are_refused(tmp_path, trials):
 
 
 def test_results_module_does_not_import_ray():
-    code = ("import sys, sslray.results, sslray.tables, sslray.study; sslray.results.package_versions(); "
+    code = ("import sys, sslray.results, sslray.report, sslray.study; sslray.results.package_versions(); "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -83,7 +83,7 @@ def test_ablation_expands_baseline_and_variants(tmp_path):
 
 
 def test_three_varied_axes_load_and_tables_refuse_mixed_cells(tmp_path):
-    from sslray.tables import comparison_table
+    from sslray.report import comparison_table
 
     path = write(tmp_path, HEAD + "grid: {method.name: [supervised, fixmatch], optim.lr: [0.1, 0.2], "
                                   "data.partition: [\"16\", \"64\"]}\n")
@@ -258,6 +258,17 @@ BAD = [
      "report: method.name varies in this study but is neither report.rows nor report.cols (variant x "
      "data.partition); its cells would average different configs"),
     (HEAD + "storage: 5\n", "storage: expected a path or URI (a non-empty string), got 5"),
+    # numbers outside the range where they mean something (issue 12)
+    ("name: t\nbase: {optim: {momentum: 1.5}}\n", "base.optim.momentum: expected a value in [0, 1], got 1.5"),
+    ("name: t\nbase: {model: {aspp_rates: [6, 0, 18]}}\n",
+     "base.model.aspp_rates[1]: expected dilation rates >= 1, got 0"),
+    ("name: t\nbase: {data: {aug: {jitter: [0.5, -0.1, 0.5, 0.25]}}}\n",
+     "base.data.aug.jitter[1]: expected non-negative jitter strengths, got -0.1"),
+    ("name: t\nbase: {data: {aug: {jitter: [0.5, 0.5, 0.5, 0.7]}}}\n",
+     "base.data.aug.jitter[3]: expected a hue jitter in [0, 0.5], got 0.7"),
+    (HEAD + "grid: {optim.momentum: [0.9, 2]}\n", "grid.optim.momentum: expected a value in [0, 1], got 2"),
+    ("name: t\nbase: {model: {name: unet}}\n",
+     "base.model.name: expected one of ['small', 'deeplabv3plus'], got 'unet'"),
     ("- name: t\n", "<root>: expected a mapping at the top level, got list"),
     ("# nothing\n", "<root>: the file is empty (a study needs at least a name)"),
     ("name: t\nname: u\n", "<root>: invalid YAML: line 2, column 1: duplicate key 'name'"),

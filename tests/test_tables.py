@@ -12,7 +12,7 @@ import pytest
 from sslray.config import ConfigError
 from sslray.results import make_row
 from sslray.study import load_study
-from sslray.tables import (ablation_table, comparison_table, cost_listing, frame, load_paper_numbers, manifest,
+from sslray.report import (ablation_table, comparison_table, cost_listing, frame, load_paper_numbers, manifest,
                            per_class_table, pseudo_table, render, search_listings, with_bootstrap,
                            with_paper_numbers, with_significance)
 

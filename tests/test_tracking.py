@@ -151,6 +151,29 @@ def test_study_summary_run_holds_tables_and_plots(wandb_env):
     assert_no_secret(storage)
 
 
+def test_summary_tables_are_the_tables_sslray_table_prints(tmp_path, capsys):
+    """W&B's comparison comes from the same study_report as ``sslray table``: paper numbers and the ablation
+    baseline rule included (it used to rebuild the table itself and left the paper column out)."""
+    from sslray import cli
+    from sslray.report import render
+
+    (tmp_path / "paper.yaml").write_text("source: Some paper, Table 1\nrows:\n  supervised: {16: 30.5}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\ngrid: {{method.name: [supervised, fixmatch]}}\nseeds: [0, 1]\n"
+                    f"report: {{baseline: supervised, paper_numbers: paper.yaml}}\nstorage: {tmp_path / 'store'}\n")
+    study = load_study(str(path))
+    store = ResultsStore(tmp_path / "store")
+    for i, t in enumerate(study.trials()):
+        metrics = {"iteration": 4, "val/miou": 30.0 + 5 * (t.config.method.name == "fixmatch") + i}
+        store.write(make_row("s", t.point, t.config, "ok", metrics, None, 1.0, "cpu", {"cpus": 1}),
+                    [{"iteration": 4, "val/miou": metrics["val/miou"]}])
+    named = tracking.study_tables(study, store.load(), store.load_history())
+    assert list(named) == ["comparison", "per_class", "pseudo_labels", "cost", "manifest"]
+    assert cli.main(["table", str(path), "--format", "csv"]) == 0
+    assert capsys.readouterr().out == render(named["comparison"], "csv") + "\n"
+    assert named["comparison"].paper == {("supervised", "16"): 30.5}
+
+
 def test_mode_resolution_and_validation(tmp_path, monkeypatch):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\n")

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sslray.config import TermConfig
 from sslray.methods import fixmatch, meanteacher, supervised, unimatch
 from sslray.methods import guidedmix, ipixmatch, mllc, pcr
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term, TermContext, world_size
+from sslray.methods.base import Family, MethodModule, ModuleContext, Term, TermConfig, TermContext, world_size
 
 
 TERMS: dict[str, Term] = {

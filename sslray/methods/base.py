@@ -1,4 +1,10 @@
-"""What a method family may add to the shared step: extra heads and state, as one ``nn.Module``.
+"""The types a method is made of: :class:`TermConfig` (a term's typed settings), :class:`Term` (a loss term),
+:class:`Family` (terms sharing heads or state) and :class:`MethodModule` (those heads and state).
+
+This module and the method files never import ``sslray.config``: config imports the registry
+(``sslray.methods.TERMS``/``FAMILIES``/``METHOD_PRESETS``) to build ``MethodConfig``, one way only.
+
+What a method family may add to the shared step: extra heads and state, as one ``nn.Module``.
 
 A family (``pcr``, ``mllc``, ``guidedmix``) groups the loss terms that share heads or state. Its module is
 built once per trial from the settings of the family's active terms, lives beside the student (its
@@ -24,6 +30,22 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class TermConfig:
+    """A loss term's settings: its weight, plus settings in subclasses (a term's ``config_cls`` in ``TERMS``).
+
+    ``sslray.config`` builds these from YAML like any config section: unknown keys and wrong types are errors,
+    ``CHOICES`` (class attribute, setting -> allowed values) are checked, the weight must be >= 0, and then
+    ``problems()`` reports what the generic rules miss.
+    """
+
+    weight: float = 1.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Invalid settings as (setting, what was expected); subclasses check ranges the generic rules miss."""
+        return []
 
 
 @dataclass(frozen=True)

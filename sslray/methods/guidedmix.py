@@ -99,9 +99,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sslray.config import TermConfig
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term, raise_problems
-from sslray.models import init_weights, upsample
+from sslray.layers import init_weights, upsample
+from sslray.methods.base import Family, MethodModule, ModuleContext, Term, TermConfig, raise_problems
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sslray.config import TermConfig
-from sslray.methods.base import Family, MethodModule, Term
+from sslray.methods.base import Family, MethodModule, Term, TermConfig
 
 _NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps log_softmax and its gradient finite
 _EPS = 1e-12

@@ -100,9 +100,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sslray.config import TermConfig
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term, all_reduce_sum, raise_problems
-from sslray.models import upsample
+from sslray.layers import upsample
+from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, TermConfig, all_reduce_sum,
+                                 raise_problems)
 
 _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
 _BCE_CLAMP = (1e-10, 1.0 - 1e-7)  # the code clamps cos to [1e-10, 1]; 1 - 1e-7 keeps log(1 - p) finite

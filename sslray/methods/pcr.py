@@ -74,9 +74,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from sslray.config import TermConfig
-from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, all_gather_cat, all_reduce_sum,
-                                 raise_problems)
+from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, TermConfig, all_gather_cat,
+                                 all_reduce_sum, raise_problems)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sslray.config import TermConfig
+from sslray.methods.base import TermConfig
 
 
 @dataclass(frozen=True)
