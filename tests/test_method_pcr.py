@@ -278,6 +278,45 @@ def test_u_drop_hand_computed_and_schedule():
     assert percentile(ent, 75.0).item() == pytest.approx(float(torch.quantile(ent, 0.75)), rel=1e-6)
 
 
+def _drop_outputs(iteration):
+    """StepOutputs for u_drop: 1 image of 1 x 5 pixels, the student disagreeing with a confident teacher."""
+    p1 = torch.tensor([0.99, 0.9, 0.8, 0.6, 0.7])
+    logits_t = torch.stack((p1, 1 - p1)).log()[None, :, None, :]  # [1, 2, 1, 5]: pseudo-label 0 everywhere
+    pred = torch.tensor([[0.0] * 5, [2.0] * 5])[None, :, None, :].requires_grad_()
+    out = StepOutputs(pred_x=torch.zeros(1, 2, 1, 5), mask_x=torch.zeros(1, 1, 5, dtype=torch.long),
+                      pred_u_s1=pred, logits_u_w_teacher=logits_t, logits_u_w_mix_teacher=logits_t,
+                      ignore_mask_u=torch.zeros(1, 1, 5, dtype=torch.long), cutmix_box1=torch.zeros(1, 1, 5),
+                      iteration=iteration)
+    out.ignore_mask_mix = out.ignore_mask_u
+    out.conf_u_w, out.mask_u_w = confidence(logits_t)
+    out.conf_u_w_mix, out.mask_u_w_mix = out.conf_u_w, out.mask_u_w
+    return out
+
+
+def test_u_drop_gated_by_the_supervised_only_warmup():
+    """U2PL/PCR sup_only_epoch: u_drop is 0 (and graph-connected) before the warm-up ends, then the CE is on."""
+    cfg = TrialConfig.from_dict({"method": {"name": "pcr"}}).method
+    m = build_method(cfg, C, feature_dims={"features": D, "low": 2, "aspp": D}, iterations=240)
+    mod = m.modules["u2pl"]
+    assert m.losses(_drop_outputs(0))["loss/u_drop"].item() == 0.0  # the default preset is gated
+    assert cfg.terms["u_drop"].warmup_frac == pytest.approx(1 / 80)  # 1 of PCR's 80 VOC epochs
+    assert mod.warmup_iters == 3
+    for it in (0, 2):
+        out = _drop_outputs(it)
+        zero = loss_u_drop(out, cfg.terms["u_drop"], m.ctx, mod)
+        assert zero.item() == 0.0 and zero.requires_grad, it
+    for it in (3, 100):
+        assert loss_u_drop(_drop_outputs(it), cfg.terms["u_drop"], m.ctx, mod).item() > 0.5, it
+    off = EntropyDropConfig(warmup_frac=0.0)  # the gate switched off: on from iteration 0
+    build = build_method(TrialConfig.from_dict({"method": {"name": "pcr_base",
+                                                           "terms": {"u_drop": {"warmup_frac": 0.0}}}}).method,
+                         C, iterations=240)
+    assert build.modules["u2pl"].warmup_iters == 0
+    assert loss_u_drop(_drop_outputs(0), off, m.ctx, build.modules["u2pl"]).item() > 0.5
+    with pytest.raises(ConfigError, match=r"method\.terms\.u_drop\.warmup_frac: expected a value in \[0, 1\]"):
+        TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"u_drop": {"warmup_frac": 2}}}})
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration and presets
 

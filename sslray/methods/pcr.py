@@ -18,6 +18,13 @@ S is the sampled pixel grid, y_hat / c the teacher's (linear-head) pseudo-label 
 strong view 1's box, thr = ``confid_thresh``. pcr_u is normalised by the number of confident sampled pixels
 (§6.3), not by the valid ones as UniMatch's terms are.
 
+u_drop settings (``method.terms.u_drop.<setting>``): ``drop_percent`` 80 [C] and ``warmup_frac`` 0.0125: U2PL's /
+PCR's supervised-only warm-up ``sup_only_epoch`` [C: 1 of 80 VOC epochs, 1 of 200 Cityscapes epochs], u_drop is 0
+for the first round(warmup_frac * iterations) iterations (0.0125 = one epoch of the 80-epoch VOC paper studies;
+PCR's Cityscapes share is 0.005). Unlike U2PL, the warm-up still runs the unlabeled forwards (the student's BN
+sees the strong views) and the EMA teacher is not reset to the student at its end [I: teacher mechanics are the
+trainer's, ``sslray.teacher_student``].
+
 Presets: ``pcr`` = ``pcr_base`` + pcr_x + pcr_u, where ``pcr_base`` is PCR's (= U2PL's) training without
 prototypes: EMA teacher 0.99 with warm-up, ``L_x + L_u_drop`` (``global_div: 1``, U2PL/PCR sum their losses),
 ``u_s1`` listed with weight 0 so the "plain pseudo-label CE" ablation is one override. Composed after another
@@ -114,14 +121,22 @@ class PCRConfig(TermConfig):
 @dataclass(frozen=True)
 class EntropyDropConfig(TermConfig):
     """U2PL's ``drop_percent`` [C]: at iteration t the top ``(100 - drop_percent) * (1 - t / T)`` percent of the valid
-    pixels by teacher entropy are ignored, so 80 drops 20 % at the start, falling linearly to 0 % at the end."""
+    pixels by teacher entropy are ignored, so 80 drops 20 % at the start, falling linearly to 0 % at the end.
+
+    ``warmup_frac``: U2PL's / PCR's ``sup_only_epoch`` [C: 1 of 80 VOC epochs, 1 of 200 Cityscapes epochs]: the
+    term is 0 for the first round(warmup_frac * iterations) iterations. The default 0.0125 = 1/80 is exactly one
+    epoch of the VOC paper studies (80 epochs); 0 switches the gate off."""
 
     drop_percent: float = 80.0
+    warmup_frac: float = 0.0125  # share of the iterations before u_drop starts (U2PL/PCR sup_only_epoch 1 of 80)
 
     def problems(self) -> list[tuple[str, str]]:
+        bad = []
         if not 0.0 <= self.drop_percent <= 100.0:
-            return [("drop_percent", f"expected a value in [0, 100], got {self.drop_percent!r}")]
-        return []
+            bad.append(("drop_percent", f"expected a value in [0, 100], got {self.drop_percent!r}"))
+        if not 0.0 <= self.warmup_frac <= 1.0:
+            bad.append(("warmup_frac", f"expected a value in [0, 1], got {self.warmup_frac!r}"))
+        return bad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,11 +413,12 @@ def build_pcr(terms: dict[str, PCRConfig], ctx: ModuleContext) -> PCRModule:
 
 
 class EntropyDropModule(MethodModule):
-    """Carries the schedule length of ``u_drop`` and reports the fraction of valid pixels it dropped."""
+    """Carries the schedule of ``u_drop`` (its length and the supervised-only warm-up ``warmup_iters``) and reports
+    the fraction of valid pixels it dropped."""
 
-    def __init__(self, iterations: int):
+    def __init__(self, iterations: int, warmup_iters: int = 0):
         super().__init__()
-        self.iterations = iterations
+        self.iterations, self.warmup_iters = iterations, warmup_iters
         self._diag: dict[str, torch.Tensor] = {}
 
     def drop_fraction(self, iteration: int, drop_percent: float) -> float:
@@ -412,6 +428,12 @@ class EntropyDropModule(MethodModule):
         return dict(self._diag)
 
 
+def build_u2pl(terms: dict[str, EntropyDropConfig], ctx: ModuleContext) -> EntropyDropModule:
+    """The schedule module of ``u_drop``: warm-up round(warmup_frac * iterations) iterations."""
+    cfg = terms["u_drop"]
+    return EntropyDropModule(ctx.iterations, round(cfg.warmup_frac * ctx.iterations))
+
+
 def loss_u_drop(out, cfg: EntropyDropConfig, ctx, module: EntropyDropModule) -> torch.Tensor:
     """U2PL's L_u on strong view 1 (``methods.md`` §3.7): CE of the linear head against the CutMixed pseudo-label
     on every valid pixel except the highest-entropy fraction, ``(B H W / #kept) * mean_kept CE``.
@@ -419,10 +441,15 @@ def loss_u_drop(out, cfg: EntropyDropConfig, ctx, module: EntropyDropModule) -> 
     No confidence threshold [C]. The entropy is that of the teacher's weak-view probabilities CutMixed with the
     view's box [I: U2PL runs the teacher once more, in train mode, on the mixed images]; the fraction decays
     per iteration rather than per epoch [I]. Pixels at or above the (100 - alpha)-th entropy percentile (linear
-    interpolation, as ``np.percentile``) are dropped, as U2PL's ``entropy.ge(thresh)``.
+    interpolation, as ``np.percentile``) are dropped, as U2PL's ``entropy.ge(thresh)``. During the supervised-only
+    warm-up (iterations < ``module.warmup_iters``, U2PL's ``epoch < sup_only_epoch``) the term is a graph-connected
+    0; the drop schedule still counts from iteration 0, as U2PL's ``epoch / epochs`` does.
     """
-    t = out.mixed_target(1, with_prob=True)
     pred = out.pred_u_s1.float()  # [B, K, H, W]
+    if out.iteration < module.warmup_iters:
+        module._diag = {}
+        return pred.sum() * 0.0
+    t = out.mixed_target(1, with_prob=True)
     ign = ctx.ignore_index
     target = torch.where(t.ignore == ign, torch.full_like(t.mask, ign), t.mask)  # [B, H, W]
     valid = target != ign
@@ -490,7 +517,7 @@ TERMS: dict[str, Term] = {
 FAMILIES: dict[str, Family] = {
     "pcr": Family(build_pcr, "PCR class prototypes: grid sampler, momentum update, k-means initialisation",
                   check_pcr),
-    "u2pl": Family(lambda terms, ctx: EntropyDropModule(ctx.iterations), "U2PL entropy-drop schedule"),
+    "u2pl": Family(build_u2pl, "U2PL entropy-drop schedule and supervised-only warm-up"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
