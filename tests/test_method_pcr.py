@@ -10,9 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from sslray.config import ConfigError, TrialConfig
+from sslray.config import ConfigError, ModelConfig, TrialConfig
 from sslray.methods import build_method
 from sslray.methods.base import ModuleContext
+from sslray.models import build_model
 from sslray.methods.pcr import (EntropyDropConfig, EntropyDropModule, PCRConfig, PCRModule, build_pcr,
                                 grid_positions, loss_pcr_u, loss_pcr_x, loss_u_drop, percentile, proto_logits,
                                 sample_features)
@@ -26,7 +27,7 @@ C, D = 2, 3  # classes, feature channels of the hand-built outputs
 
 def module(**settings) -> PCRModule:
     """A prototype module on a D-channel feature map; every pixel sampled (grid >= map size), no warm-up."""
-    cfg = PCRConfig(**{"init": "random", "warmup_frac": 0.0, "sample_grid": 64, **settings})
+    cfg = PCRConfig(**{"feature": "features", "init": "random", "warmup_frac": 0.0, "sample_grid": 64, **settings})
     return PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
 
 
@@ -100,6 +101,28 @@ def test_rep_clf_sampling_equals_upsample_then_index():
     torch.testing.assert_close(got, ref)
 
 
+def test_rep_clf_is_the_default_and_the_classifier_input():
+    """PCR's prototype feature is rep_clf = cat(reduced c1, upsampled ASPP), the tensor its decoder classifier
+    consumes (methods.md §6.2); here that is the input of the fuse convs of the real model."""
+    assert PCRConfig().feature == "rep_clf"
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="small", width=16), C).eval()
+    dims = model.feature_dims
+    method = build_method(TrialConfig.from_dict({"method": {"name": "pcr"}}).method, C, feature_dims=dims)
+    assert method.modules["pcr"].protos.shape == (C * 4, dims["low"] + dims["aspp"])
+    seen = []
+    hook = model.decoder.fuse.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    hook.remove()
+    fuse_in = seen[0]  # [B, low + aspp, h, w]
+    b, d, h, w = fuse_in.shape
+    rows, cols = grid_positions(b, h, w, 8, torch.device("cpu"))
+    got = sample_features(out, rows, cols, "rep_clf")
+    ref = torch.stack([fuse_in[i, :, rows[i], cols[i]].t() for i in range(b)]).reshape(-1, d)
+    torch.testing.assert_close(got, ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # the loss terms
 
@@ -153,7 +176,7 @@ def test_gradient_reaches_student_features_not_prototypes():
 
 
 def test_terms_are_zero_during_warmup():
-    cfg = PCRConfig(init="kmeans", warmup_frac=0.3)
+    cfg = PCRConfig(feature="features", init="kmeans", warmup_frac=0.3)
     m = PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
     assert m.warmup_iters == 3 and not m.is_ready
     out = outputs(torch.randn(1, D, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
@@ -196,7 +219,7 @@ def _clusters(seed, n=40):
 
 
 def test_kmeans_init_after_warmup_and_fifo_bank():
-    cfg = PCRConfig(num_protos=2, init="kmeans", warmup_frac=0.2, kmeans_pixels=30, sample_grid=64)
+    cfg = PCRConfig(feature="features", num_protos=2, init="kmeans", warmup_frac=0.2, kmeans_pixels=30, sample_grid=64)
     make = lambda: PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))  # noqa: E731
     torch.manual_seed(0)
     m = make()
@@ -223,7 +246,7 @@ def test_kmeans_init_after_warmup_and_fifo_bank():
 
 
 def test_kmeans_keeps_random_prototypes_of_unseen_classes():
-    cfg = PCRConfig(num_protos=3, init="kmeans", warmup_frac=0.1, sample_grid=64)
+    cfg = PCRConfig(feature="features", num_protos=3, init="kmeans", warmup_frac=0.1, sample_grid=64)
     m = PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
     p0 = m.protos.clone()
     m.after_step(outputs(feats([[1.0, 0, 0], [2.0, 0, 0]]), torch.tensor([[[0, 0]]])))  # class 1 never seen, 2 < M
@@ -233,7 +256,7 @@ def test_kmeans_keeps_random_prototypes_of_unseen_classes():
 
 
 def test_state_dict_round_trip_with_freed_bank():
-    cfg = PCRConfig(num_protos=2, init="kmeans", warmup_frac=0.1, sample_grid=64)
+    cfg = PCRConfig(feature="features", num_protos=2, init="kmeans", warmup_frac=0.1, sample_grid=64)
     make = lambda: PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))  # noqa: E731
     m = make()
     fx, y, _ = _clusters(0)
@@ -350,7 +373,8 @@ def test_settings_validated_and_shared():
     with pytest.raises(ValueError, match=r"method\.terms\.pcr_u\.num_protos: 1 differs from method\.terms\.pcr_x"):
         build_pcr({"pcr_x": PCRConfig(), "pcr_u": PCRConfig(num_protos=1)}, ModuleContext(C, feature_dims={"features": D}))
     cfg = TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_x": {"weight": 0}}}}).method
-    m = build_method(cfg, C, feature_dims={"features": D})  # one term off: the other's settings rule alone
+    dims = {"features": 5, "low": 1, "aspp": D - 1}  # rep_clf (the default) = low + aspp channels = D
+    m = build_method(cfg, C, feature_dims=dims)  # one term off: the other's settings rule alone
     assert set(m.modules) == {"pcr", "u2pl"} and m.modules["pcr"].protos.shape == (C * 4, D)
     assert isinstance(build_pcr({"pcr_u": PCRConfig(feature="rep_clf")},
                                 ModuleContext(C, feature_dims={"low": 2, "aspp": 5})).protos, torch.Tensor)
@@ -376,7 +400,7 @@ def _ddp_data(rank, step):
 
 
 def _run_module(parts, result):
-    cfg = PCRConfig(num_protos=2, init="kmeans", warmup_frac=0.2, update_cond="all", momentum=0.5, sample_grid=8)
+    cfg = PCRConfig(feature="features", num_protos=2, init="kmeans", warmup_frac=0.2, update_cond="all", momentum=0.5, sample_grid=8)
     torch.manual_seed(0)  # the trial seed: identical random prototypes on every rank
     m = PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
     for step in range(5):  # warm-up 2 iterations, k-means, 3 momentum updates
@@ -450,8 +474,9 @@ def test_ablation_study_variants_build():
 
     path = os.path.join(os.path.dirname(__file__), "..", "studies", "ablation_pcr.yaml")
     trials = [t for t in load_study(path).trials() if t.seed == 0]
+    dims = build_model(ModelConfig(name="small"), C).feature_dims
     assert len(trials) == 9
     for t in trials:
-        m = build_method(t.config.method, C, feature_dims={"features": 32}, iterations=600)
+        m = build_method(t.config.method, C, feature_dims=dims, iterations=600)
         if "pcr" in m.modules:
             assert m.modules["pcr"].warmup_iters == 30

@@ -36,10 +36,13 @@ are active; ``method.terms.pcr_x.<setting>`` and ``method.terms.pcr_u.<setting>`
 
 - ``num_protos`` M per class [C: 4 VOC, 3 Cityscapes; default 4]; prototypes are a buffer [C*M, D] stored
   un-normalised [C]; ``temperature`` 0.1 [C]; the matched micro-prototype of class c is argmax_m [C].
-- ``feature``: ``features`` (default; the fused decoder feature that this codebase's 1x1 classifier reads,
-  D = ``feature_dims["features"]``) or ``rep_clf`` (PCR's choice [C]: cat(reduced c1, ASPP upsampled) =
-  the input of the decoder's fuse convs, D = low + aspp channels; the ASPP part is sampled with
-  ``grid_sample`` (align_corners=True), which equals upsampling it to the decoder grid and indexing).
+- ``feature``: ``rep_clf`` (default, PCR's choice [C: ``rep_clf: True``, ``proto_head.in_planes: 512``]:
+  cat(reduced c1, ASPP upsampled), the tensor PCR's decoder classifier consumes, here the input of the decoder's
+  fuse convs, D = low + aspp channels: 48 + 256 = 304 for DeepLabV3+, w/4 + w for the small model; PCR's
+  decoder has 256 + 256 = 512 [C], a width of the architecture, so no projection is added; the ASPP part is
+  sampled with ``grid_sample`` (align_corners=True), which equals upsampling it to the decoder grid and
+  indexing) or ``features`` (the fused decoder feature that this codebase's 1x1 classifier reads,
+  D = ``feature_dims["features"]``).
 - ``sample_grid`` G = 32 [C ``select_granularity``]: one random pixel per cell of a G x G grid (cell =
   h // G x w // G, G clamped to the map size), per image, taken on the decoder-resolution map [I: the code
   samples the input-size upsampled map; sampling the stride-4 map avoids materialising it, §6.5]. Labels,
@@ -96,7 +99,7 @@ class PCRConfig(TermConfig):
 
     num_protos: int = 4  # M micro-prototypes per class (PCR: 4 VOC, 3 Cityscapes)
     temperature: float = 0.1  # g_c = max_m cos / temperature
-    feature: str = "features"  # features: the classifier's input | rep_clf: cat(reduced c1, ASPP), PCR's
+    feature: str = "rep_clf"  # rep_clf: cat(reduced c1, ASPP), PCR's | features: the fused 1x1-classifier input
     sample_grid: int = 32  # G: one random pixel per cell of a G x G grid on the decoder map
     confid_thresh: float = 0.8  # teacher confidence for pcr_u and for unlabeled prototype updates
     momentum: float = 0.99  # prototype EMA; 1.0 freezes the prototypes
