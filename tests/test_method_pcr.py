@@ -358,6 +358,25 @@ def test_presets_compose():
     assert w == {"x": 1, "u_s1": 0.25, "u_s2": 0.25, "u_fp": 0.5, "pcr_x": 1, "pcr_u": 1}
 
 
+def test_supervised_term_is_ohem_as_pcr_and_in_the_paper_studies():
+    """PCR's configs: OHEM (0.7, min_kept 100,000 per GPU of 2 images) on VOC and Cityscapes (methods.md §2, §6.2)."""
+    from sslray.study import load_study
+
+    for name in ("pcr", "pcr_base"):
+        x = TrialConfig.from_dict({"method": {"name": name}}).method.terms["x"]
+        assert (x.criterion, x.ohem_thresh, x.ohem_min_kept, x.weight) == ("ohem", 0.7, 400000, 1.0)  # batch 8
+    assert TrialConfig.from_dict({"method": {"name": "fixmatch+pcr"}}).method.terms["x"].criterion == "ce"
+    studies = os.path.join(os.path.dirname(__file__), "..", "studies")
+    for study in ("voc_classic", "voc_blended", "cityscapes"):
+        rows = [t.config for t in load_study(os.path.join(studies, f"{study}.yaml")).trials()
+                if t.config.method.name == "pcr"]
+        assert rows, study
+        for c in rows:
+            x = c.method.terms["x"]
+            assert (x.criterion, x.ohem_thresh) == ("ohem", 0.7), study
+            assert x.ohem_min_kept == (800000 if study == "cityscapes" else 100000 * c.data.batch_size_x // 2), study
+
+
 def test_settings_validated_and_shared():
     with pytest.raises(ConfigError, match=r"method\.terms\.pcr_u\.momentum: expected a value in \[0, 1\], got 1\.5"):
         TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_u": {"momentum": 1.5}}}})

@@ -27,7 +27,11 @@ trainer's, ``sslray.teacher_student``].
 
 Presets: ``pcr`` = ``pcr_base`` + pcr_x + pcr_u, where ``pcr_base`` is PCR's (= U2PL's) training without
 prototypes: EMA teacher 0.99 with warm-up, ``L_x + L_u_drop`` (``global_div: 1``, U2PL/PCR sum their losses),
-``u_s1`` listed with weight 0 so the "plain pseudo-label CE" ablation is one override. Composed after another
+``u_s1`` listed with weight 0 so the "plain pseudo-label CE" ablation is one override. L_x is OHEM as in PCR's
+configs on both datasets [C: threshold 0.7, min_kept 100,000 per GPU of 2 images]: ``x.ohem_min_kept`` 400,000
+keeps that count per image for one batch of 8 (sslray computes OHEM per rank over its labeled batch; with fewer
+valid pixels than min_kept every pixel is kept, i.e. plain CE, as on the synthetic default's 8 x 64 x 64).
+``x.criterion: ce`` is U2PL's VOC choice. Composed after another
 preset (``fixmatch+pcr``, ``unimatch+pcr``, ``meanteacher+pcr``) only pcr_x and pcr_u are added: the base
 keeps its own unlabeled terms and its ``global_div`` (which then divides the PCR terms too).
 
@@ -526,9 +530,12 @@ FAMILIES: dict[str, Family] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # PCR's (= U2PL's) training without prototypes and without U2PL's contrastive loss: EMA teacher 0.99,
     # L_x + L_u_drop. u_s1 is listed off so that "plain pseudo-label CE instead of the entropy drop" is one override.
+    # L_x is OHEM on both datasets as PCR's configs: threshold 0.7, min_kept 100,000 per GPU of 2 images, i.e.
+    # 400,000 for one batch of 8 (the paper studies' batch; scale it with data.batch_size_x per rank).
     "pcr_base": {"teacher": {"kind": "ema", "ema_alpha": 0.99, "ema_warmup": True}, "conf_thresh": 0.95,
                  "global_div": 1.0,
-                 "terms": {"x": {"weight": 1.0}, "u_s1": {"weight": 0.0}, "u_drop": {"weight": 1.0}}},
+                 "terms": {"x": {"weight": 1.0, "criterion": "ohem", "ohem_thresh": 0.7, "ohem_min_kept": 400000},
+                           "u_s1": {"weight": 0.0}, "u_drop": {"weight": 1.0}}},
     # Standalone: pcr_base + the prototype terms (lambda_proto = 1 [C]); after another preset: only the latter.
     "pcr": {"base": "pcr_base", "terms": {"pcr_x": {"weight": 1.0}, "pcr_u": {"weight": 1.0}}},
 }
