@@ -31,9 +31,9 @@ prototypes: EMA teacher 0.99 with warm-up, ``L_x + L_u_drop`` (``global_div: 1``
 configs on both datasets [C: threshold 0.7, min_kept 100,000 per GPU of 2 images]: ``x.ohem_min_kept`` 400,000
 keeps that count per image for one batch of 8 (sslray computes OHEM per rank over its labeled batch; with fewer
 valid pixels than min_kept every pixel is kept, i.e. plain CE, as on the synthetic default's 8 x 64 x 64).
-``x.criterion: ce`` is U2PL's VOC choice. Composed after another
-preset (``fixmatch+pcr``, ``unimatch+pcr``, ``meanteacher+pcr``) only pcr_x and pcr_u are added: the base
-keeps its own unlabeled terms and its ``global_div`` (which then divides the PCR terms too).
+``x.criterion: ce`` is U2PL's VOC choice. Composed after another preset (``fixmatch+pcr``, ``unimatch+pcr``,
+``meanteacher+pcr``) only pcr_x and pcr_u are added: the base keeps its own L_x, unlabeled terms and
+``global_div`` (which then divides the PCR terms too).
 
 Prototype module (family ``pcr``; the settings are shared by pcr_x and pcr_u, which must agree when both
 are active; ``method.terms.pcr_x.<setting>`` and ``method.terms.pcr_u.<setting>``):
@@ -75,7 +75,9 @@ are active; ``method.terms.pcr_x.<setting>`` and ``method.terms.pcr_u.<setting>`
   epochs, prototypes from a pickle of unknown provenance].
   During the warm-up pcr_x and pcr_u are 0 and the prototypes are not updated; the base method's unlabeled
   terms stay on [I: switching them off would change the composed base methods; the EMA teacher has its own
-  warm-up].
+  warm-up], except ``u_drop``, which has its own supervised-only gate (``u_drop.warmup_frac``, below). PCR has
+  one sup_only_epoch for everything: to reproduce it set the three ``warmup_frac`` equal (as the
+  ``studies/ablation_pcr.yaml`` recipe does: one epoch of the unlabeled set).
 
 Diagnostics (``train/pcr/*``): ``proto_acc`` (prototype-head accuracy on the labeled sampled pixels),
 ``conf_frac`` (share of valid sampled s1 pixels at or above confid_thresh); ``train/u2pl/drop_frac``.
