@@ -10,9 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from sslray.config import ConfigError, TrialConfig
+from sslray.config import ConfigError, ModelConfig, TrialConfig
 from sslray.methods import build_method
 from sslray.methods.base import ModuleContext
+from sslray.models import build_model
 from sslray.methods.pcr import (EntropyDropConfig, EntropyDropModule, PCRConfig, PCRModule, build_pcr,
                                 grid_positions, loss_pcr_u, loss_pcr_x, loss_u_drop, percentile, proto_logits,
                                 sample_features)
@@ -26,7 +27,7 @@ C, D = 2, 3  # classes, feature channels of the hand-built outputs
 
 def module(**settings) -> PCRModule:
     """A prototype module on a D-channel feature map; every pixel sampled (grid >= map size), no warm-up."""
-    cfg = PCRConfig(**{"init": "random", "warmup_frac": 0.0, "sample_grid": 64, **settings})
+    cfg = PCRConfig(**{"feature": "features", "init": "random", "warmup_frac": 0.0, "sample_grid": 64, **settings})
     return PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
 
 
@@ -100,6 +101,28 @@ def test_rep_clf_sampling_equals_upsample_then_index():
     torch.testing.assert_close(got, ref)
 
 
+def test_rep_clf_is_the_default_and_the_classifier_input():
+    """PCR's prototype feature is rep_clf = cat(reduced c1, upsampled ASPP), the tensor its decoder classifier
+    consumes (methods.md §6.2); here that is the input of the fuse convs of the real model."""
+    assert PCRConfig().feature == "rep_clf"
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="small", width=16), C).eval()
+    dims = model.feature_dims
+    method = build_method(TrialConfig.from_dict({"method": {"name": "pcr"}}).method, C, feature_dims=dims)
+    assert method.modules["pcr"].protos.shape == (C * 4, dims["low"] + dims["aspp"])
+    seen = []
+    hook = model.decoder.fuse.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    hook.remove()
+    fuse_in = seen[0]  # [B, low + aspp, h, w]
+    b, d, h, w = fuse_in.shape
+    rows, cols = grid_positions(b, h, w, 8, torch.device("cpu"))
+    got = sample_features(out, rows, cols, "rep_clf")
+    ref = torch.stack([fuse_in[i, :, rows[i], cols[i]].t() for i in range(b)]).reshape(-1, d)
+    torch.testing.assert_close(got, ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # the loss terms
 
@@ -153,7 +176,7 @@ def test_gradient_reaches_student_features_not_prototypes():
 
 
 def test_terms_are_zero_during_warmup():
-    cfg = PCRConfig(init="kmeans", warmup_frac=0.3)
+    cfg = PCRConfig(feature="features", init="kmeans", warmup_frac=0.3)
     m = PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
     assert m.warmup_iters == 3 and not m.is_ready
     out = outputs(torch.randn(1, D, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
@@ -196,7 +219,7 @@ def _clusters(seed, n=40):
 
 
 def test_kmeans_init_after_warmup_and_fifo_bank():
-    cfg = PCRConfig(num_protos=2, init="kmeans", warmup_frac=0.2, kmeans_pixels=30, sample_grid=64)
+    cfg = PCRConfig(feature="features", num_protos=2, init="kmeans", warmup_frac=0.2, kmeans_pixels=30, sample_grid=64)
     make = lambda: PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))  # noqa: E731
     torch.manual_seed(0)
     m = make()
@@ -223,7 +246,7 @@ def test_kmeans_init_after_warmup_and_fifo_bank():
 
 
 def test_kmeans_keeps_random_prototypes_of_unseen_classes():
-    cfg = PCRConfig(num_protos=3, init="kmeans", warmup_frac=0.1, sample_grid=64)
+    cfg = PCRConfig(feature="features", num_protos=3, init="kmeans", warmup_frac=0.1, sample_grid=64)
     m = PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
     p0 = m.protos.clone()
     m.after_step(outputs(feats([[1.0, 0, 0], [2.0, 0, 0]]), torch.tensor([[[0, 0]]])))  # class 1 never seen, 2 < M
@@ -233,7 +256,7 @@ def test_kmeans_keeps_random_prototypes_of_unseen_classes():
 
 
 def test_state_dict_round_trip_with_freed_bank():
-    cfg = PCRConfig(num_protos=2, init="kmeans", warmup_frac=0.1, sample_grid=64)
+    cfg = PCRConfig(feature="features", num_protos=2, init="kmeans", warmup_frac=0.1, sample_grid=64)
     make = lambda: PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))  # noqa: E731
     m = make()
     fx, y, _ = _clusters(0)
@@ -278,6 +301,45 @@ def test_u_drop_hand_computed_and_schedule():
     assert percentile(ent, 75.0).item() == pytest.approx(float(torch.quantile(ent, 0.75)), rel=1e-6)
 
 
+def _drop_outputs(iteration):
+    """StepOutputs for u_drop: 1 image of 1 x 5 pixels, the student disagreeing with a confident teacher."""
+    p1 = torch.tensor([0.99, 0.9, 0.8, 0.6, 0.7])
+    logits_t = torch.stack((p1, 1 - p1)).log()[None, :, None, :]  # [1, 2, 1, 5]: pseudo-label 0 everywhere
+    pred = torch.tensor([[0.0] * 5, [2.0] * 5])[None, :, None, :].requires_grad_()
+    out = StepOutputs(pred_x=torch.zeros(1, 2, 1, 5), mask_x=torch.zeros(1, 1, 5, dtype=torch.long),
+                      pred_u_s1=pred, logits_u_w_teacher=logits_t, logits_u_w_mix_teacher=logits_t,
+                      ignore_mask_u=torch.zeros(1, 1, 5, dtype=torch.long), cutmix_box1=torch.zeros(1, 1, 5),
+                      iteration=iteration)
+    out.ignore_mask_mix = out.ignore_mask_u
+    out.conf_u_w, out.mask_u_w = confidence(logits_t)
+    out.conf_u_w_mix, out.mask_u_w_mix = out.conf_u_w, out.mask_u_w
+    return out
+
+
+def test_u_drop_gated_by_the_supervised_only_warmup():
+    """U2PL/PCR sup_only_epoch: u_drop is 0 (and graph-connected) before the warm-up ends, then the CE is on."""
+    cfg = TrialConfig.from_dict({"method": {"name": "pcr"}}).method
+    m = build_method(cfg, C, feature_dims={"features": D, "low": 2, "aspp": D}, iterations=240)
+    mod = m.modules["u2pl"]
+    assert m.losses(_drop_outputs(0))["loss/u_drop"].item() == 0.0  # the default preset is gated
+    assert cfg.terms["u_drop"].warmup_frac == pytest.approx(1 / 80)  # 1 of PCR's 80 VOC epochs
+    assert mod.warmup_iters == 3
+    for it in (0, 2):
+        out = _drop_outputs(it)
+        zero = loss_u_drop(out, cfg.terms["u_drop"], m.ctx, mod)
+        assert zero.item() == 0.0 and zero.requires_grad, it
+    for it in (3, 100):
+        assert loss_u_drop(_drop_outputs(it), cfg.terms["u_drop"], m.ctx, mod).item() > 0.5, it
+    off = EntropyDropConfig(warmup_frac=0.0)  # the gate switched off: on from iteration 0
+    build = build_method(TrialConfig.from_dict({"method": {"name": "pcr_base",
+                                                           "terms": {"u_drop": {"warmup_frac": 0.0}}}}).method,
+                         C, iterations=240)
+    assert build.modules["u2pl"].warmup_iters == 0
+    assert loss_u_drop(_drop_outputs(0), off, m.ctx, build.modules["u2pl"]).item() > 0.5
+    with pytest.raises(ConfigError, match=r"method\.terms\.u_drop\.warmup_frac: expected a value in \[0, 1\]"):
+        TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"u_drop": {"warmup_frac": 2}}}})
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration and presets
 
@@ -296,6 +358,25 @@ def test_presets_compose():
     assert w == {"x": 1, "u_s1": 0.25, "u_s2": 0.25, "u_fp": 0.5, "pcr_x": 1, "pcr_u": 1}
 
 
+def test_supervised_term_is_ohem_as_pcr_and_in_the_paper_studies():
+    """PCR's configs: OHEM (0.7, min_kept 100,000 per GPU of 2 images) on VOC and Cityscapes (methods.md §2, §6.2)."""
+    from sslray.study import load_study
+
+    for name in ("pcr", "pcr_base"):
+        x = TrialConfig.from_dict({"method": {"name": name}}).method.terms["x"]
+        assert (x.criterion, x.ohem_thresh, x.ohem_min_kept, x.weight) == ("ohem", 0.7, 400000, 1.0)  # batch 8
+    assert TrialConfig.from_dict({"method": {"name": "fixmatch+pcr"}}).method.terms["x"].criterion == "ce"
+    studies = os.path.join(os.path.dirname(__file__), "..", "studies")
+    for study in ("voc_classic", "voc_blended", "cityscapes"):
+        rows = [t.config for t in load_study(os.path.join(studies, f"{study}.yaml")).trials()
+                if t.config.method.name == "pcr"]
+        assert rows, study
+        for c in rows:
+            x = c.method.terms["x"]
+            assert (x.criterion, x.ohem_thresh) == ("ohem", 0.7), study
+            assert x.ohem_min_kept == (800000 if study == "cityscapes" else 100000 * c.data.batch_size_x // 2), study
+
+
 def test_settings_validated_and_shared():
     with pytest.raises(ConfigError, match=r"method\.terms\.pcr_u\.momentum: expected a value in \[0, 1\], got 1\.5"):
         TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_u": {"momentum": 1.5}}}})
@@ -311,7 +392,8 @@ def test_settings_validated_and_shared():
     with pytest.raises(ValueError, match=r"method\.terms\.pcr_u\.num_protos: 1 differs from method\.terms\.pcr_x"):
         build_pcr({"pcr_x": PCRConfig(), "pcr_u": PCRConfig(num_protos=1)}, ModuleContext(C, feature_dims={"features": D}))
     cfg = TrialConfig.from_dict({"method": {"name": "pcr", "terms": {"pcr_x": {"weight": 0}}}}).method
-    m = build_method(cfg, C, feature_dims={"features": D})  # one term off: the other's settings rule alone
+    dims = {"features": 5, "low": 1, "aspp": D - 1}  # rep_clf (the default) = low + aspp channels = D
+    m = build_method(cfg, C, feature_dims=dims)  # one term off: the other's settings rule alone
     assert set(m.modules) == {"pcr", "u2pl"} and m.modules["pcr"].protos.shape == (C * 4, D)
     assert isinstance(build_pcr({"pcr_u": PCRConfig(feature="rep_clf")},
                                 ModuleContext(C, feature_dims={"low": 2, "aspp": 5})).protos, torch.Tensor)
@@ -337,7 +419,7 @@ def _ddp_data(rank, step):
 
 
 def _run_module(parts, result):
-    cfg = PCRConfig(num_protos=2, init="kmeans", warmup_frac=0.2, update_cond="all", momentum=0.5, sample_grid=8)
+    cfg = PCRConfig(feature="features", num_protos=2, init="kmeans", warmup_frac=0.2, update_cond="all", momentum=0.5, sample_grid=8)
     torch.manual_seed(0)  # the trial seed: identical random prototypes on every rank
     m = PCRModule(cfg, ModuleContext(num_classes=C, iterations=10, feature_dims={"features": D}))
     for step in range(5):  # warm-up 2 iterations, k-means, 3 momentum updates
@@ -406,13 +488,25 @@ def test_composed_fit(name, tmp_path):
 
 
 def test_ablation_study_variants_build():
-    """Every row of studies/ablation_pcr.yaml builds its method (the shared prototype settings agree)."""
+    """Every row of studies/ablation_pcr.yaml builds its method (the shared prototype settings agree); the baseline
+    is PCR's recipe: one supervised-only epoch (1,984 unlabeled / 8 = 248 iterations) before every unsupervised term,
+    OHEM keeping PCR's 19 % of the labeled pixels, parameter-only EMA, U2PL's half-image CutMix as the strong view."""
     from sslray.study import load_study
 
     path = os.path.join(os.path.dirname(__file__), "..", "studies", "ablation_pcr.yaml")
     trials = [t for t in load_study(path).trials() if t.seed == 0]
-    assert len(trials) == 9
+    dims = build_model(ModelConfig(name="small"), C).feature_dims
+    assert len(trials) == 14
     for t in trials:
-        m = build_method(t.config.method, C, feature_dims={"features": 32}, iterations=600)
-        if "pcr" in m.modules:
-            assert m.modules["pcr"].warmup_iters == 30
+        c = t.config
+        assert c.train.iterations == 1500 and c.data.partition == "32"
+        m = build_method(c.method, C, feature_dims=dims, iterations=c.train.iterations)
+        if t.variant == "pcr":
+            assert m.modules["pcr"].warmup_iters == m.modules["u2pl"].warmup_iters == (2016 - 32) // 8
+            x = c.method.terms["x"]
+            assert x.criterion == "ohem" and x.ohem_min_kept == round(100000 / (2 * 513 ** 2) * 8 * 64 ** 2)
+            assert not c.method.teacher.ema_buffers and c.method.mix_source == "roll"
+            assert (c.data.aug.jitter_p, c.data.aug.gray_p, c.data.aug.blur_p) == (0, 0, 0)
+            assert m.modules["pcr"].cfg.feature == "rep_clf"
+        if t.variant == "-u_drop_warmup":
+            assert m.modules["u2pl"].warmup_iters == 0 and m.modules["pcr"].warmup_iters == 248

@@ -18,21 +18,35 @@ S is the sampled pixel grid, y_hat / c the teacher's (linear-head) pseudo-label 
 strong view 1's box, thr = ``confid_thresh``. pcr_u is normalised by the number of confident sampled pixels
 (§6.3), not by the valid ones as UniMatch's terms are.
 
+u_drop settings (``method.terms.u_drop.<setting>``): ``drop_percent`` 80 [C] and ``warmup_frac`` 0.0125: U2PL's /
+PCR's supervised-only warm-up ``sup_only_epoch`` [C: 1 of 80 VOC epochs, 1 of 200 Cityscapes epochs], u_drop is 0
+for the first round(warmup_frac * iterations) iterations (0.0125 = one epoch of the 80-epoch VOC paper studies;
+PCR's Cityscapes share is 0.005). Unlike U2PL, the warm-up still runs the unlabeled forwards (the student's BN
+sees the strong views) and the EMA teacher is not reset to the student at its end [I: teacher mechanics are the
+trainer's, ``sslray.teacher_student``].
+
 Presets: ``pcr`` = ``pcr_base`` + pcr_x + pcr_u, where ``pcr_base`` is PCR's (= U2PL's) training without
 prototypes: EMA teacher 0.99 with warm-up, ``L_x + L_u_drop`` (``global_div: 1``, U2PL/PCR sum their losses),
-``u_s1`` listed with weight 0 so the "plain pseudo-label CE" ablation is one override. Composed after another
-preset (``fixmatch+pcr``, ``unimatch+pcr``, ``meanteacher+pcr``) only pcr_x and pcr_u are added: the base
-keeps its own unlabeled terms and its ``global_div`` (which then divides the PCR terms too).
+``u_s1`` listed with weight 0 so the "plain pseudo-label CE" ablation is one override. L_x is OHEM as in PCR's
+configs on both datasets [C: threshold 0.7, min_kept 100,000 per GPU of 2 images]: ``x.ohem_min_kept`` 400,000
+keeps that count per image for one batch of 8 (sslray computes OHEM per rank over its labeled batch; with fewer
+valid pixels than min_kept every pixel is kept, i.e. plain CE, as on the synthetic default's 8 x 64 x 64).
+``x.criterion: ce`` is U2PL's VOC choice. Composed after another preset (``fixmatch+pcr``, ``unimatch+pcr``,
+``meanteacher+pcr``) only pcr_x and pcr_u are added: the base keeps its own L_x, unlabeled terms and
+``global_div`` (which then divides the PCR terms too).
 
 Prototype module (family ``pcr``; the settings are shared by pcr_x and pcr_u, which must agree when both
 are active; ``method.terms.pcr_x.<setting>`` and ``method.terms.pcr_u.<setting>``):
 
 - ``num_protos`` M per class [C: 4 VOC, 3 Cityscapes; default 4]; prototypes are a buffer [C*M, D] stored
   un-normalised [C]; ``temperature`` 0.1 [C]; the matched micro-prototype of class c is argmax_m [C].
-- ``feature``: ``features`` (default; the fused decoder feature that this codebase's 1x1 classifier reads,
-  D = ``feature_dims["features"]``) or ``rep_clf`` (PCR's choice [C]: cat(reduced c1, ASPP upsampled) =
-  the input of the decoder's fuse convs, D = low + aspp channels; the ASPP part is sampled with
-  ``grid_sample`` (align_corners=True), which equals upsampling it to the decoder grid and indexing).
+- ``feature``: ``rep_clf`` (default, PCR's choice [C: ``rep_clf: True``, ``proto_head.in_planes: 512``]:
+  cat(reduced c1, ASPP upsampled), the tensor PCR's decoder classifier consumes, here the input of the decoder's
+  fuse convs, D = low + aspp channels: 48 + 256 = 304 for DeepLabV3+, w/4 + w for the small model; PCR's
+  decoder has 256 + 256 = 512 [C], a width of the architecture, so no projection is added; the ASPP part is
+  sampled with ``grid_sample`` (align_corners=True), which equals upsampling it to the decoder grid and
+  indexing) or ``features`` (the fused decoder feature that this codebase's 1x1 classifier reads,
+  D = ``feature_dims["features"]``).
 - ``sample_grid`` G = 32 [C ``select_granularity``]: one random pixel per cell of a G x G grid (cell =
   h // G x w // G, G clamped to the map size), per image, taken on the decoder-resolution map [I: the code
   samples the input-size upsampled map; sampling the stride-4 map avoids materialising it, §6.5]. Labels,
@@ -61,7 +75,9 @@ are active; ``method.terms.pcr_x.<setting>`` and ``method.terms.pcr_u.<setting>`
   epochs, prototypes from a pickle of unknown provenance].
   During the warm-up pcr_x and pcr_u are 0 and the prototypes are not updated; the base method's unlabeled
   terms stay on [I: switching them off would change the composed base methods; the EMA teacher has its own
-  warm-up].
+  warm-up], except ``u_drop``, which has its own supervised-only gate (``u_drop.warmup_frac``, below). PCR has
+  one sup_only_epoch for everything: to reproduce it set the three ``warmup_frac`` equal (as the
+  ``studies/ablation_pcr.yaml`` recipe does: one epoch of the unlabeled set).
 
 Diagnostics (``train/pcr/*``): ``proto_acc`` (prototype-head accuracy on the labeled sampled pixels),
 ``conf_frac`` (share of valid sampled s1 pixels at or above confid_thresh); ``train/u2pl/drop_frac``.
@@ -88,7 +104,7 @@ class PCRConfig(TermConfig):
 
     num_protos: int = 4  # M micro-prototypes per class (PCR: 4 VOC, 3 Cityscapes)
     temperature: float = 0.1  # g_c = max_m cos / temperature
-    feature: str = "features"  # features: the classifier's input | rep_clf: cat(reduced c1, ASPP), PCR's
+    feature: str = "rep_clf"  # rep_clf: cat(reduced c1, ASPP), PCR's | features: the fused 1x1-classifier input
     sample_grid: int = 32  # G: one random pixel per cell of a G x G grid on the decoder map
     confid_thresh: float = 0.8  # teacher confidence for pcr_u and for unlabeled prototype updates
     momentum: float = 0.99  # prototype EMA; 1.0 freezes the prototypes
@@ -113,14 +129,22 @@ class PCRConfig(TermConfig):
 @dataclass(frozen=True)
 class EntropyDropConfig(TermConfig):
     """U2PL's ``drop_percent`` [C]: at iteration t the top ``(100 - drop_percent) * (1 - t / T)`` percent of the valid
-    pixels by teacher entropy are ignored, so 80 drops 20 % at the start, falling linearly to 0 % at the end."""
+    pixels by teacher entropy are ignored, so 80 drops 20 % at the start, falling linearly to 0 % at the end.
+
+    ``warmup_frac``: U2PL's / PCR's ``sup_only_epoch`` [C: 1 of 80 VOC epochs, 1 of 200 Cityscapes epochs]: the
+    term is 0 for the first round(warmup_frac * iterations) iterations. The default 0.0125 = 1/80 is exactly one
+    epoch of the VOC paper studies (80 epochs); 0 switches the gate off."""
 
     drop_percent: float = 80.0
+    warmup_frac: float = 0.0125  # share of the iterations before u_drop starts (U2PL/PCR sup_only_epoch 1 of 80)
 
     def problems(self) -> list[tuple[str, str]]:
+        bad = []
         if not 0.0 <= self.drop_percent <= 100.0:
-            return [("drop_percent", f"expected a value in [0, 100], got {self.drop_percent!r}")]
-        return []
+            bad.append(("drop_percent", f"expected a value in [0, 100], got {self.drop_percent!r}"))
+        if not 0.0 <= self.warmup_frac <= 1.0:
+            bad.append(("warmup_frac", f"expected a value in [0, 1], got {self.warmup_frac!r}"))
+        return bad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,11 +421,12 @@ def build_pcr(terms: dict[str, PCRConfig], ctx: ModuleContext) -> PCRModule:
 
 
 class EntropyDropModule(MethodModule):
-    """Carries the schedule length of ``u_drop`` and reports the fraction of valid pixels it dropped."""
+    """Carries the schedule of ``u_drop`` (its length and the supervised-only warm-up ``warmup_iters``) and reports
+    the fraction of valid pixels it dropped."""
 
-    def __init__(self, iterations: int):
+    def __init__(self, iterations: int, warmup_iters: int = 0):
         super().__init__()
-        self.iterations = iterations
+        self.iterations, self.warmup_iters = iterations, warmup_iters
         self._diag: dict[str, torch.Tensor] = {}
 
     def drop_fraction(self, iteration: int, drop_percent: float) -> float:
@@ -411,6 +436,12 @@ class EntropyDropModule(MethodModule):
         return dict(self._diag)
 
 
+def build_u2pl(terms: dict[str, EntropyDropConfig], ctx: ModuleContext) -> EntropyDropModule:
+    """The schedule module of ``u_drop``: warm-up round(warmup_frac * iterations) iterations."""
+    cfg = terms["u_drop"]
+    return EntropyDropModule(ctx.iterations, round(cfg.warmup_frac * ctx.iterations))
+
+
 def loss_u_drop(out, cfg: EntropyDropConfig, ctx, module: EntropyDropModule) -> torch.Tensor:
     """U2PL's L_u on strong view 1 (``methods.md`` §3.7): CE of the linear head against the CutMixed pseudo-label
     on every valid pixel except the highest-entropy fraction, ``(B H W / #kept) * mean_kept CE``.
@@ -418,10 +449,15 @@ def loss_u_drop(out, cfg: EntropyDropConfig, ctx, module: EntropyDropModule) -> 
     No confidence threshold [C]. The entropy is that of the teacher's weak-view probabilities CutMixed with the
     view's box [I: U2PL runs the teacher once more, in train mode, on the mixed images]; the fraction decays
     per iteration rather than per epoch [I]. Pixels at or above the (100 - alpha)-th entropy percentile (linear
-    interpolation, as ``np.percentile``) are dropped, as U2PL's ``entropy.ge(thresh)``.
+    interpolation, as ``np.percentile``) are dropped, as U2PL's ``entropy.ge(thresh)``. During the supervised-only
+    warm-up (iterations < ``module.warmup_iters``, U2PL's ``epoch < sup_only_epoch``) the term is a graph-connected
+    0; the drop schedule still counts from iteration 0, as U2PL's ``epoch / epochs`` does.
     """
-    t = out.mixed_target(1, with_prob=True)
     pred = out.pred_u_s1.float()  # [B, K, H, W]
+    if out.iteration < module.warmup_iters:
+        module._diag = {}
+        return pred.sum() * 0.0
+    t = out.mixed_target(1, with_prob=True)
     ign = ctx.ignore_index
     target = torch.where(t.ignore == ign, torch.full_like(t.mask, ign), t.mask)  # [B, H, W]
     valid = target != ign
@@ -489,15 +525,18 @@ TERMS: dict[str, Term] = {
 FAMILIES: dict[str, Family] = {
     "pcr": Family(build_pcr, "PCR class prototypes: grid sampler, momentum update, k-means initialisation",
                   check_pcr),
-    "u2pl": Family(lambda terms, ctx: EntropyDropModule(ctx.iterations), "U2PL entropy-drop schedule"),
+    "u2pl": Family(build_u2pl, "U2PL entropy-drop schedule and supervised-only warm-up"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     # PCR's (= U2PL's) training without prototypes and without U2PL's contrastive loss: EMA teacher 0.99,
     # L_x + L_u_drop. u_s1 is listed off so that "plain pseudo-label CE instead of the entropy drop" is one override.
+    # L_x is OHEM on both datasets as PCR's configs: threshold 0.7, min_kept 100,000 per GPU of 2 images, i.e.
+    # 400,000 for one batch of 8 (the paper studies' batch; scale it with data.batch_size_x per rank).
     "pcr_base": {"teacher": {"kind": "ema", "ema_alpha": 0.99, "ema_warmup": True}, "conf_thresh": 0.95,
                  "global_div": 1.0,
-                 "terms": {"x": {"weight": 1.0}, "u_s1": {"weight": 0.0}, "u_drop": {"weight": 1.0}}},
+                 "terms": {"x": {"weight": 1.0, "criterion": "ohem", "ohem_thresh": 0.7, "ohem_min_kept": 400000},
+                           "u_s1": {"weight": 0.0}, "u_drop": {"weight": 1.0}}},
     # Standalone: pcr_base + the prototype terms (lambda_proto = 1 [C]); after another preset: only the latter.
     "pcr": {"base": "pcr_base", "terms": {"pcr_x": {"weight": 1.0}, "pcr_u": {"weight": 1.0}}},
 }
