@@ -151,7 +151,9 @@ class EMATeacher:
       buffers are copied from the student; no extra forward.
 
     Either way the statistics track training: with parameters-only EMA and no own forward they would stay at
-    their deep-copy values forever.
+    their deep-copy values forever. Under DDP on CUDA the model is converted to SyncBN before the copy, so the
+    teacher's own pass syncs its statistics over ranks (U2PL's SyncBN teacher); on CPU each rank keeps its own,
+    as the student does (``broadcast_buffers=False``).
     """
 
     def __init__(self, student: nn.Module, cfg: TeacherConfig):
