@@ -109,10 +109,22 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """The teacher that makes pseudo-labels. An EMA teacher always predicts in eval mode (BN running statistics);
+    ``bn_stats`` says where those statistics come from (methods.md §3.3):
+
+    - ``forward`` (default; U2PL, and so PCR): the EMA averages parameters only, and the teacher's BN statistics
+      come from its own no-grad forward in *train* mode on ``cat(x, mixed strong view)`` after it has made its
+      pseudo-labels, every step (U2PL ``train_semi.py``: ``model_teacher.train()`` + ``out_t``).
+    - ``ema`` (CutMix-Seg, UniMatch V2): the float buffers are averaged with the same ``a_k`` as the parameters;
+      no extra forward. (This was ``ema_buffers: true``.)
+    """
+
+    CHOICES: typing.ClassVar[dict[str, tuple]] = {"bn_stats": ("forward", "ema")}
+
     kind: str = "self"  # self: the student itself, detached (FixMatch/UniMatch); ema: mean teacher
     ema_alpha: float = 0.99
     ema_warmup: bool = True  # alpha_k = min(1 - 1/(k+1), alpha)
-    ema_buffers: bool = True  # also average BN running statistics
+    bn_stats: str = "forward"  # EMA teacher's BN statistics: forward (own train-mode pass, U2PL) | ema (averaged)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,11 @@ One step (UniMatch's order, methods.md §3.2/§3.5):
 3. student on ``cat(img_x, img_u_w)`` (with the FP copy when a term needs it) -> ``pred_x``, ``pred_u_w``;
    the self teacher's pseudo-labels are ``pred_u_w.detach()``; an EMA teacher runs on ``img_u_w`` instead;
 4. student on ``cat(img_u_s1, img_u_s2)``;
-5. targets for each strong view are mixed with that view's box: ``mask_u_w_cutmixed1`` etc.
+5. targets for each strong view are mixed with that view's box: ``mask_u_w_cutmixed1`` etc.;
+6. an EMA teacher with ``bn_stats: forward`` (U2PL/PCR) runs once more, in train mode and without gradient, on
+   ``cat(img_x, img_u_s1)`` (the CutMixed view; s2 or the weak view when s1 is not computed), which is what keeps
+   its BN running statistics current; its dict is ``model_out["t_train"]`` (U2PL's ``out_t``). The EMA teacher
+   itself always predicts in eval mode (:class:`EMATeacher`).
 
 Which of these run is derived from the method's terms (``Method.needs``): supervised-only runs step 3 on
 ``img_x`` alone; FixMatch skips s2 and fp; a zero-weight term costs nothing.
@@ -69,7 +73,8 @@ class StepOutputs:
     cutmix_box1: torch.Tensor | None = None  # [Bu, H, W]
     cutmix_box2: torch.Tensor | None = None
     # raw model dicts, for method heads: student "x_u_w" (cat(x, u_w)) or "x", "u_s" (s1, s2 as computed);
-    # teacher "t_u_w" and "t_mix" (no grad). Use ``part()`` to slice one view out of them.
+    # teacher "t_u_w" and "t_mix" (no grad, eval mode), and with ``bn_stats: forward`` "t_train" (no grad, train
+    # mode, on cat(x, s1) -- x alone in a supervised step). Use ``part()`` to slice one view out of them.
     model_out: dict[str, Any] = field(default_factory=dict)
     iteration: int = 0
     # the step's inputs and a handle that runs the student on an extra batch (train mode, with gradient, the
@@ -84,9 +89,10 @@ class StepOutputs:
         """The student's (or teacher's, for ``t_u_w``/``t_mix``) model dict for one view, sliced along the batch.
 
         Views: ``x``, ``u_w`` (student, with grad), ``s1``, ``s2`` (student on the CutMixed strong views),
-        ``t_u_w``, ``t_mix`` (teacher, detached). None when this step did not compute that view.
+        ``t_u_w``, ``t_mix`` (teacher, detached), ``t_train`` (EMA teacher's train-mode pass on cat(x, s1), whole).
+        None when this step did not compute that view.
         """
-        if view in ("t_u_w", "t_mix"):
+        if view in ("t_u_w", "t_mix", "t_train"):
             return self.model_out.get(view)
         if view not in self._parts:
             return None
@@ -130,16 +136,52 @@ class EMATeacher:
     """theta_t <- a_k theta_t + (1 - a_k) theta_s after every optimiser step.
 
     a_k = min(1 - 1/(k + 1), alpha) with warm-up (k = number of updates so far, so the first update copies
-    the student), else alpha. With ``ema_buffers`` the float buffers (BN running statistics) are averaged
-    the same way (CutMix-Seg); integer buffers are copied.
+    the student), else alpha.
+
+    The teacher model is kept in **eval mode**: its pseudo-labels (``teacher(img)``) and its evaluation
+    (``train.eval_model: teacher``) use BN running statistics, so an image's pseudo-label does not depend on the
+    other images of the batch (U2PL, PCR, UniMatch V2). Where the running statistics come from is
+    ``bn_stats`` (methods.md §3.3):
+
+    - ``forward`` (U2PL/PCR): only the parameters are averaged; :meth:`forward_train` runs the teacher once per
+      step in train mode, without gradient, which updates its running statistics with BN's own momentum
+      (U2PL: ``model_teacher.train()`` then a no-grad forward on ``cat(labeled, mixed unlabeled)``, after the
+      eval-mode pseudo-labels). Integer buffers (``num_batches_tracked``) are the teacher's own.
+    - ``ema`` (CutMix-Seg, UniMatch V2): float buffers are averaged with the same a_k as the parameters; integer
+      buffers are copied from the student; no extra forward.
+
+    Either way the statistics track training: with parameters-only EMA and no own forward they would stay at
+    their deep-copy values forever. Under DDP on CUDA the model is converted to SyncBN before the copy, so the
+    teacher's own pass syncs its statistics over ranks (U2PL's SyncBN teacher); on CPU each rank keeps its own,
+    as the student does (``broadcast_buffers=False``).
     """
 
     def __init__(self, student: nn.Module, cfg: TeacherConfig):
         self.cfg = cfg
-        self.model = copy.deepcopy(student)
+        self.model = copy.deepcopy(student).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.updates = 0
+
+    @property
+    def own_bn_forward(self) -> bool:
+        """Whether the step must call :meth:`forward_train` (``bn_stats: forward``)."""
+        return self.cfg.bn_stats == "forward"
+
+    @torch.no_grad()
+    def __call__(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's model dict in eval mode (pseudo-labels)."""
+        self.model.eval()
+        return self.model(img)
+
+    @torch.no_grad()
+    def forward_train(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One no-grad forward in train mode (updates the BN running statistics), then back to eval mode."""
+        self.model.train()
+        try:
+            return self.model(img)
+        finally:
+            self.model.eval()
 
     def alpha(self) -> float:
         if self.cfg.ema_warmup:
@@ -151,11 +193,12 @@ class EMATeacher:
         a = self.alpha()
         for t, s in zip(self.model.parameters(), student.parameters()):
             t.mul_(a).add_(s.detach(), alpha=1.0 - a)
-        for t, s in zip(self.model.buffers(), student.buffers()):
-            if t.dtype.is_floating_point and self.cfg.ema_buffers:
-                t.mul_(a).add_(s.detach(), alpha=1.0 - a)
-            elif not t.dtype.is_floating_point:
-                t.copy_(s)
+        if self.cfg.bn_stats == "ema":
+            for t, s in zip(self.model.buffers(), student.buffers()):
+                if t.dtype.is_floating_point:
+                    t.mul_(a).add_(s.detach(), alpha=1.0 - a)
+                else:
+                    t.copy_(s)
         self.updates += 1
 
     def state_dict(self) -> dict:
@@ -192,7 +235,7 @@ class TeacherStudent:
     def _teacher(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher model dict with no gradient: the EMA model, or the student itself in eval mode."""
         if self.teacher is not None:
-            return self.teacher.model(img)
+            return self.teacher(img)
         was_training = self.student.training
         self.student.eval()
         try:
@@ -219,7 +262,10 @@ class TeacherStudent:
         if "u" not in self.needs:
             with self._autocast(device):
                 out_x = self.student(img_x)
-            return StepOutputs(pred_x=out_x["logits"], mask_x=mask_x, model_out={"x": out_x}, iteration=iteration,
+                model_out = {"x": out_x}
+                if self.teacher is not None and self.teacher.own_bn_forward:  # U2PL's sup-only epochs do the same
+                    model_out["t_train"] = self.teacher.forward_train(img_x)
+            return StepOutputs(pred_x=out_x["logits"], mask_x=mask_x, model_out=model_out, iteration=iteration,
                                _parts={"x": ("x", 0, None)})
         return self._semi_step(img_x, mask_x, batch_u, batch_mix, iteration)
 
@@ -274,6 +320,10 @@ class TeacherStudent:
                 setattr(out, "pred_u_s1" if need_s1 else "pred_u_s2", out_s["logits"])
                 out.model_out["u_s"] = out_s
                 out._parts["s1" if need_s1 else "s2"] = ("u_s", 0, None)
+
+            if self.teacher is not None and self.teacher.own_bn_forward:
+                img_t = img_u_s1 if need_s1 else img_u_s2 if need_s2 else img_u_w  # the (CutMixed) student input
+                out.model_out["t_train"] = self.teacher.forward_train(torch.cat((img_x, img_t)))
 
         out.conf_u_w, out.mask_u_w = confidence(out.logits_u_w_teacher)
         if need_s1 or need_s2:

@@ -33,6 +33,8 @@ def test_presets_compose_and_user_overrides_merge():
     ({"method": {"terms": {"nope": {}}}}, "method.terms.nope"),
     ({"method": {"name": "nomethod"}}, "method.name"),
     ({"method": {"teacher": {"kind": "ghost"}}}, "method.teacher.kind"),
+    ({"method": {"name": "meanteacher", "teacher": {"bn_stats": "frozen"}}}, "method.teacher.bn_stats"),
+    ({"method": {"name": "meanteacher", "teacher": {"ema_buffers": False}}}, "method.teacher.ema_buffers"),
     ({"optim": {"lr": "fast"}}, "optim.lr"),
     ({"train": {"iterations": 0}}, "train.iterations"),
     ({"train": {"iterations": 1.5}}, "train.iterations"),

@@ -87,6 +87,17 @@ def test_cutmix_box_probability_and_area():
     assert cutmix_box(4, _rng(0), p=1.0).sum() >= 1  # tiny image: terminates, still a box
 
 
+@pytest.mark.parametrize("size", [64, 321])
+def test_cutmix_box_mean_area_matches_unimatch(size):
+    """UniMatch draws the area once and retries only aspect and position: the mean gated-on box is ~0.20 of the
+    image (U(0.02, 0.4) has mean 0.21; int() truncation of the sides takes a little off). Re-drawing the area on
+    every rejected try biases towards small boxes (mean 0.14)."""
+    rng = _rng(11)
+    areas = [float(cutmix_box(size, rng, p=1.0).mean()) for _ in range(1500)]
+    assert abs(np.mean(areas) - 0.205) < 0.015, np.mean(areas)  # 0.203 at 64 px, 0.210 at 321 px (SE 0.003)
+    assert abs(np.median(areas) - 0.205) < 0.03  # the area distribution itself is ~uniform, not skewed small
+
+
 def test_normalize():
     img = Image.new("RGB", (5, 3), tuple(int(round(m * 255)) for m in IMAGENET_MEAN))
     x = normalize(img)

@@ -45,6 +45,81 @@ def _step(method_name, **over):
     return ts.step(*_batches(), iteration=0), model
 
 
+def _ts(method_name, **over):
+    cfg = TrialConfig.from_dict({"method": {"name": method_name, **over}, "model": {"width": 8}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    method = build_method(cfg.method, 3, 255, model.feature_dims)
+    return TeacherStudent(model, cfg.method, method.needs,
+                          refine_teacher=method.refine_teacher if method.refines_teacher else None), model
+
+
+def _bn(module):
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+@pytest.mark.parametrize("bn_stats", ["ema", "forward"])
+def test_ema_teacher_pseudo_labels_are_eval_mode(bn_stats):
+    """An EMA teacher predicts with BN running statistics (U2PL/PCR/UniMatch V2 ``model_teacher.eval()``): one
+    image's pseudo-label does not depend on the other images of its batch, and the teacher stays in eval mode."""
+    batch_x, batch_u, batch_mix = _batches()
+    other = {**batch_u, "img_u_w": torch.cat((batch_u["img_u_w"][:1], 3 + 2 * torch.randn(2, 3, 32, 32)))}
+    ts_a, _ = _ts("meanteacher", teacher={"bn_stats": bn_stats})
+    ts_b, _ = _ts("meanteacher", teacher={"bn_stats": bn_stats})
+    a = ts_a.step(batch_x, batch_u, batch_mix).logits_u_w_teacher
+    b = ts_b.step(batch_x, other, batch_mix).logits_u_w_teacher
+    torch.testing.assert_close(a[0], b[0])
+    assert not ts_a.teacher.model.training
+    assert ts_a.student.training  # the student is untouched
+
+
+def test_forward_bn_stats_come_from_the_teachers_own_train_mode_pass():
+    """``bn_stats: forward`` (U2PL): the EMA averages parameters only; the teacher's running statistics are
+    those of one no-grad train-mode pass on cat(x, CutMixed s1), after its eval-mode pseudo-labels."""
+    import copy
+
+    from sslray.teacher_student import paste
+
+    batch_x, batch_u, batch_mix = _batches()
+    ts, model = _ts("meanteacher", teacher={"bn_stats": "forward"})
+    ref = copy.deepcopy(ts.teacher.model).train()
+    out = ts.step(batch_x, batch_u, batch_mix)
+    with torch.no_grad():
+        ref(torch.cat((batch_x["img_x"], paste(batch_u["img_u_s1"], batch_mix["img_u_s1"], batch_u["cutmix_box1"]))))
+    for name, bn in _bn(ts.teacher.model).items():
+        torch.testing.assert_close(bn.running_mean, _bn(ref)[name].running_mean)
+        torch.testing.assert_close(bn.running_var, _bn(ref)[name].running_var)
+    assert out.part("t_train")["logits"].shape[0] == 2 + 3 and not ts.teacher.model.training
+    before = {n: bn.running_mean.clone() for n, bn in _bn(ts.teacher.model).items()}
+    ts.after_optimizer_step()  # parameters only: the student's statistics are not averaged in
+    assert all(torch.equal(bn.running_mean, before[n]) for n, bn in _bn(ts.teacher.model).items())
+
+
+def _ema_presets():
+    return [n for n in METHOD_PRESETS if TrialConfig.from_dict({"method": {"name": n}}).method.teacher.kind == "ema"]
+
+
+def test_presets_teacher_bn_stats_follow_their_source():
+    assert {"meanteacher", "pcr"} <= set(_ema_presets())
+    bn = lambda name: TrialConfig.from_dict({"method": {"name": name}}).method.teacher.bn_stats  # noqa: E731
+    assert bn("meanteacher") == "ema"  # CutMix-Seg / UniMatch V2
+    assert bn("pcr") == bn("pcr_base") == "forward"  # U2PL: parameters only + the teacher's own train pass
+
+
+@pytest.mark.parametrize("preset", _ema_presets())
+def test_every_ema_preset_keeps_teacher_bn_stats_current(preset):
+    """Eval-mode teacher + whatever each preset's bn_stats is: after a few steps the teacher's running
+    statistics have moved from their initial values (never stale)."""
+    ts, model = _ts(preset)
+    init = {n: bn.running_mean.clone() for n, bn in _bn(ts.teacher.model).items()}
+    assert init
+    for it in range(3):
+        ts.step(*_batches(seed=it), iteration=it)
+        ts.after_optimizer_step()
+    for n, bn in _bn(ts.teacher.model).items():
+        assert not torch.allclose(bn.running_mean, init[n]), n
+
+
 def test_parts_slice_each_view_of_the_shared_forward():
     out, model = _step("unimatch")
     x, u_w, s1, s2, t = out.part("x"), out.part("u_w"), out.part("s1"), out.part("s2"), out.part("t_u_w")

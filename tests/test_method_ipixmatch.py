@@ -251,17 +251,29 @@ def test_preset_composes_and_settings_are_dotted_keys():
     m = TrialConfig.from_dict({"method": {"name": "ipixmatch"}}).method
     assert m.global_div == 2.0 and m.conf_thresh == 0.95 and m.teacher.kind == "self"
     assert {n: t.weight for n, t in m.terms.items()} == {"x": 1.0, "u_s1": 0.25, "u_s2": 0.25, "u_fp": 0.5,
-                                                          "ipix_s1": 0.5, "ipix_s2": 0.5, "ipix_fp": 0.0, "ipix_x": 0.0}
+                                                          "ipix_s1": 1.0, "ipix_s2": 1.0, "ipix_fp": 0.0, "ipix_x": 0.0}
     s1 = m.terms["ipix_s1"]
     assert (s1.relation, s1.distance, s1.temperature, s1.conf_thresh) == ("per_class", "kl", 1.0, None)
     mt = TrialConfig.from_dict({"method": {"name": "meanteacher+ipixmatch"}}).method
-    assert mt.teacher.kind == "ema" and "u_fp" not in mt.terms and mt.terms["ipix_s1"].weight == 0.5
+    assert mt.teacher.kind == "ema" and "u_fp" not in mt.terms and mt.terms["ipix_s1"].weight == 1.0
     assert build_method(mt, K).needs == {"u", "s1", "s2"}
     cfg = TrialConfig.from_dict({"method": {"name": "ipixmatch"}}).replace(
         **{"method.terms.ipix_s1.distance": "correlation", "method.terms.ipix_s1.relation": "pairwise",
            "method.terms.ipix_s1.conf_thresh": 0.7})
-    assert cfg.method.terms["ipix_s1"] == IPixTermConfig(weight=0.5, relation="pairwise", distance="correlation",
+    assert cfg.method.terms["ipix_s1"] == IPixTermConfig(weight=1.0, relation="pairwise", distance="correlation",
                                                          conf_thresh=0.7)
+
+
+@pytest.mark.parametrize("name", ["ipixmatch", "fixmatch+ipixmatch", "meanteacher+ipixmatch"])
+def test_preset_effective_weight_is_the_specs_lambda(name):
+    """methods.md §4.2/§8.1: L = L_base + 0.5 * sum_views L_ip, the base's own "/ 2" not applied to the relation
+    terms (the weights are lambda_ip * global_div)."""
+    method = build_method(TrialConfig.from_dict({"method": {"name": name}}).method, K)
+    losses = method.losses(outputs(3))
+    base = sum(method.active[n].weight * losses[f"loss/{n}"] for n in method.active if not n.startswith("ipix"))
+    ipix = losses["loss/ipix_s1"] + losses["loss/ipix_s2"]
+    assert float(ipix) > 0
+    torch.testing.assert_close(losses["loss"], base / method.cfg.global_div + 0.5 * ipix)
 
 
 @pytest.mark.parametrize("key,value,msg", [

@@ -149,7 +149,7 @@ def test_nonfinite_loss_names_the_term():
 def test_ema_teacher_arithmetic():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = EMATeacher(student, TeacherConfig(kind="ema", ema_alpha=0.99, ema_warmup=True, ema_buffers=True))
+    ema = EMATeacher(student, TeacherConfig(kind="ema", ema_alpha=0.99, ema_warmup=True, bn_stats="ema"))
     w0 = ema.model[0].weight.clone()
     with torch.no_grad():
         student[0].weight.add_(1.0)

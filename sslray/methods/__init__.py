@@ -50,7 +50,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     # Mean Teacher as the EMA-teacher methods (U2PL, PCR, CutMix-Seg) use it: EMA 0.99 with warm-up
     # min(1 - 1/(k+1), 0.99), confident pseudo-labels on a CutMix strong view. The classic
     # consistency (TorchSemiSeg MT: 100 * MSE of probabilities) is the ``u_mse`` term, off by default.
-    "meanteacher": {"teacher": {"kind": "ema", "ema_alpha": 0.99, "ema_warmup": True},
+    # BN statistics averaged with the parameters (bn_stats: ema) as CutMix-Seg and UniMatch V2, whose
+    # (L_x + L_u) / 2 with tau 0.95 this loss is; U2PL's own train-mode teacher pass (forward, the default that
+    # pcr_base gets) is the alternative -- sources disagree, so studies/ablation_teacher.yaml compares them.
+    "meanteacher": {"teacher": {"kind": "ema", "ema_alpha": 0.99, "ema_warmup": True, "bn_stats": "ema"},
                     "conf_thresh": 0.95, "global_div": 2.0,
                     "terms": {"x": {"weight": 1.0}, "u_s1": {"weight": 1.0}}},
 }

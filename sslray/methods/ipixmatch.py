@@ -13,11 +13,14 @@ Terms (each a view, so a view is ablated with ``method.terms.<term>.weight: 0``)
     ipix_fp   student's feature-perturbed weak view (UniMatch FP) vs the (unmixed) teacher; off in the preset
     ipix_x    ``apply_on_labeled``: student on the labeled batch vs the one-hot labels; off in the preset
 
-``ipixmatch`` is UniMatch + ``ipix_s1`` + ``ipix_s2`` (weight 0.5 each, §8.1). The total is divided by the
+``ipixmatch`` is UniMatch + ``ipix_s1`` + ``ipix_s2`` with lambda_ip = 0.5 (§8.1). The total is divided by the
 method's ``global_div`` like every term, so under UniMatch's ``/ 2`` a weight w adds ``(w / 2) * L_ip``
-per view: §4.2's ``L_UniMatch + lambda_ip * sum_views L_ip`` is ``weight = lambda_ip * global_div``. Composed
-as ``fixmatch+ipixmatch`` or ``meanteacher+ipixmatch`` it adds both view terms; ``ipix_s2`` then costs a
-second strong-view forward (set its weight to 0 to keep the one-view step).
+per view: §4.2's ``L_UniMatch + lambda_ip * sum_views L_ip`` is ``weight = lambda_ip * global_div``, so the
+preset's weights are 1.0 (effective 0.5 per view; before issue 11 they were 0.5, an effective 0.25). Composed
+as ``fixmatch+ipixmatch`` or ``meanteacher+ipixmatch`` (also ``/ 2``) it adds both view terms unchanged, with the
+same effective 0.5; after a base with ``global_div: 1`` (``pcr+ipixmatch``) the same weights mean lambda_ip = 1,
+so set them to 0.5 there. ``ipix_s2`` costs a second strong-view forward under a one-view base (set its weight
+to 0 to keep the one-view step).
 
 Settings of every term (``method.terms.<term>.<setting>``):
 
@@ -375,7 +378,8 @@ _DEFAULTS = {"relation": "per_class", "distance": "kl", "temperature": 1.0}  # m
 
 PRESETS: dict[str, dict] = {
     # UniMatch + the relation loss on both strong views; FP and labeled views listed switched off.
+    # weight 1.0 = lambda_ip 0.5 (§8.1) times UniMatch's global_div 2 (see the module docstring).
     "ipixmatch": {"base": "unimatch",
-                  "terms": {"ipix_s1": {"weight": 0.5, **_DEFAULTS}, "ipix_s2": {"weight": 0.5, **_DEFAULTS},
+                  "terms": {"ipix_s1": {"weight": 1.0, **_DEFAULTS}, "ipix_s2": {"weight": 1.0, **_DEFAULTS},
                             "ipix_fp": {"weight": 0.0, **_DEFAULTS}, "ipix_x": {"weight": 0.0, **_DEFAULTS}}},
 }
