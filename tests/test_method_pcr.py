@@ -505,7 +505,7 @@ def test_ablation_study_variants_build():
             assert m.modules["pcr"].warmup_iters == m.modules["u2pl"].warmup_iters == (2016 - 32) // 8
             x = c.method.terms["x"]
             assert x.criterion == "ohem" and x.ohem_min_kept == round(100000 / (2 * 513 ** 2) * 8 * 64 ** 2)
-            assert not c.method.teacher.ema_buffers and c.method.mix_source == "roll"
+            assert c.method.teacher.bn_stats == "forward" and c.method.mix_source == "roll"
             assert (c.data.aug.jitter_p, c.data.aug.gray_p, c.data.aug.blur_p) == (0, 0, 0)
             assert m.modules["pcr"].cfg.feature == "rep_clf"
         if t.variant == "-u_drop_warmup":
