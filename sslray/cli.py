@@ -396,8 +396,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # --resume needs nothing extra: stored trials are skipped and unfinished ones find their checkpoints
         summary = ray_adapter.run_study(study, address=args.address, storage=storage,
                                         retry_failed=args.retry_failed, num_cpus=args.num_cpus,
-                                        max_failures=args.max_failures, overrides=tuple(args.overrides),
-                                        plugins=tuple(args.plugins))
+                                        max_failures=args.max_failures, plugins=tuple(args.plugins))
     finally:
         ray_adapter.shutdown()
     print()
