@@ -251,6 +251,8 @@ STREAM_X, STREAM_U, STREAM_MIX = 0, 1, 2
 def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
     """Data (split files under ``out_dir`` on rank 0), model, method, optimizer and the teacher-student step."""
     device = runtime.device
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
     data = build_data(cfg.data, workdir=out_dir if runtime.is_main else None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, data.num_classes).to(device)
@@ -334,8 +336,6 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     device, world = runtime.device, runtime.world_size
     out_dir = out_dir or default_out_dir(cfg)
     ckpt_dir = str(checkpoint_dir(out_dir))
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
     t_start = time.perf_counter()
     parts = _build(cfg, runtime, out_dir)
     model, method, optimizer, ts = parts.model, parts.method, parts.optimizer, parts.ts
