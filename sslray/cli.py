@@ -381,8 +381,6 @@ def _main_table(study, df, planned, rows: str, cols: str, over: dict):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sslray.study import load_study
-
     study, storage = _load(args)
     if args.dry_run:  # the store alone: no Ray, no directory created
         from sslray.results import plan
