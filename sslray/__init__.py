@@ -3,7 +3,8 @@
 Public API (imports are lazy so that ``import sslray`` stays cheap)::
 
     from sslray import TrialConfig, train, list_methods, list_datasets
-    metrics = train("configs/synthetic_fixmatch.yaml", overrides=["train.iterations=200"])
+    result = train("configs/synthetic_fixmatch.yaml", overrides=["train.iterations=200"])
+    result["val/miou"], result.history[-1]      # FitResult: the final metrics mapping, the history beside it
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ __all__ = ["ConfigError", "TrialConfig", "train", "list_methods", "list_datasets
 
 
 def train(config: "TrialConfig | str | dict | None" = None, overrides: list[str] | tuple[str, ...] = (), **kwargs):
-    """Run one trial without Ray (see ``sslray.trainer.fit``); ``config`` is a TrialConfig, a YAML path or a dict."""
+    """Run one trial without Ray (see ``sslray.trainer.fit``; returns its ``FitResult``); ``config`` is a
+    TrialConfig, a YAML path or a dict."""
     from sslray.trainer import fit
 
     if config is None or isinstance(config, dict):

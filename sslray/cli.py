@@ -1,7 +1,7 @@
 """The ``sslray`` command line.
 
     sslray run STUDY.yaml [--address auto] [--storage DIR] [--resume] [--set key=value ...] [--dry-run]
-    sslray status STUDY.yaml              which cells are done, failed (why), started, missing
+    sslray status STUDY.yaml [--set key=value ...]   which cells are done, failed (why), started, missing
     sslray table STUDY.yaml [--format markdown|latex|csv|html] [--per-class] [--pseudo] [--cost] [--manifest]
     sslray plot STUDY.yaml [--kind efficiency|ablation|curves] [--format png|svg] [--out DIR]
     sslray train [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
@@ -9,6 +9,9 @@
     sslray list {methods,terms,datasets,models}
     sslray data check --dataset NAME --root DIR [--split FILE ...]   scan a dataset, one line per problem
     sslray data synth --out DIR           write the synthetic default in the VOC layout (dataset synthetic_voc)
+
+The study commands (run, status, table, plot) share ``STUDY.yaml --storage DIR --set KEY=VALUE --plugin MODULE``:
+give every one of them the same ``--set`` a study was run with, since overrides change the trial ids.
 
 Errors in inputs are one line naming the file and the dotted key, exit code 2; a failed trial (NaN loss,
 missing data) is one line too, exit code 1, with whatever was already written (splits, checkpoints) kept.
@@ -34,7 +37,49 @@ def _parser() -> argparse.ArgumentParser:
                     "Ray, train single trials, and print paper-style comparison tables.",
         epilog="Run 'sslray COMMAND --help' for a command's options. Docs: README.md.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _train_parser(sub)
+    _run_parser(sub)
+    _study_arguments(sub.add_parser("status", help="list a study's cells: done, failed (with reason), started, "
+                                                   "missing"))
+    _table_parser(sub)
+    _plot_parser(sub)
+    v = sub.add_parser("validate", help="check study files and trial configs without running anything",
+                       description="Parse and validate each file; print one line per file; exit 2 if any is wrong.")
+    v.add_argument("files", nargs="+")
+    _plugin_argument(v)
+    ls = sub.add_parser("list", help="list registered methods, loss terms, datasets or models")
+    ls.add_argument("what", choices=["methods", "terms", "datasets", "models"])
+    _plugin_argument(ls)
+    _data_parser(sub)
+    return p
 
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _plugin_argument(cmd: argparse.ArgumentParser) -> None:
+    # study files are data: code they rely on is named here, by the user
+    cmd.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                     help="import MODULE and call its register() first, adding methods, terms or datasets "
+                          "(repeatable; Ray trials import it too)")
+
+
+def _set_argument(cmd: argparse.ArgumentParser, what: str) -> None:
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help=f"override a dotted key {what} (repeatable)")
+
+
+def _study_arguments(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What every study command takes: the study file, ``--storage``, ``--set`` and ``--plugin``."""
+    cmd.add_argument("study", help="study YAML file")
+    cmd.add_argument("--storage", help="results and checkpoints directory (default: the study's storage)")
+    _set_argument(cmd, "of the study's base config, as the study was (or is) run with: the overrides change the "
+                       "trial ids")
+    _plugin_argument(cmd)
+    return cmd
+
+
+def _train_parser(sub) -> None:
     t = sub.add_parser(
         "train", help="run one trial without Ray (also under torchrun for DDP)",
         description="Run one trial: trains, evaluates every train.eval_every iterations, writes checkpoints, "
@@ -42,16 +87,18 @@ def _parser() -> argparse.ArgumentParser:
                     "Without CONFIG it trains the defaults (supervised, small model, synthetic dataset).",
         epilog="Example: sslray train configs/synthetic_fixmatch.yaml --set train.iterations=500 --set seed=1\n"
                "DDP:     torchrun --nproc-per-node 2 -m sslray train configs/synthetic_fixmatch.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_RAW)
     t.add_argument("config", nargs="?", help="trial config YAML (keys: name, seed, data, model, optim, method, "
                                              "train, run); omitted: all defaults")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted key, e.g. --set method.terms.u_fp.weight=0.3 (repeatable)")
+    _set_argument(t, "e.g. --set method.terms.u_fp.weight=0.3")
     t.add_argument("--out", help="output directory (default: run.out_dir or runs/<name>-<trial id>)")
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint if it exists")
     t.add_argument("--quiet", action="store_true", help="print only the final summary")
+    _plugin_argument(t)
 
-    r = sub.add_parser(
+
+def _run_parser(sub) -> None:
+    r = _study_arguments(sub.add_parser(
         "run", help="run a study (grid, ablation or Optuna search) on Ray and print its table",
         description="Run every trial of a study that is not stored yet, on a local Ray instance (default) or "
                     "an existing cluster (--address), one Parquet row per finished trial under the study's "
@@ -60,26 +107,20 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: sslray run studies/quickstart.yaml\n"
                "         sslray run studies/voc_classic.yaml --address auto --storage /nfs/sslray\n"
                "         sslray run studies/smoke.yaml --dry-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("study", help="study YAML file")
+        formatter_class=_RAW))
     r.add_argument("--address", help="Ray cluster address (auto, ray://host:10001, host:6379); default: start a "
                                      "local Ray instance")
-    r.add_argument("--storage", help="results and checkpoints directory (default: the study's storage)")
     r.add_argument("--resume", action="store_true",
                    help="continue after a crash (same as a plain re-run: stored trials are never run twice)")
     r.add_argument("--retry-failed", action="store_true", help="run failed trials again")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted key of the study's base config (repeatable)")
-    r.add_argument("--dry-run", action="store_true", help="print the trial plan and exit")
+    r.add_argument("--dry-run", action="store_true", help="print the trial plan and exit (Ray is not imported)")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
     r.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"], help="table format")
 
-    st = sub.add_parser("status", help="list a study's cells: done, failed (with reason), started, missing")
-    st.add_argument("study")
-    st.add_argument("--storage", help="default: the study's storage")
 
-    tb = sub.add_parser(
+def _table_parser(sub) -> None:
+    tb = _study_arguments(sub.add_parser(
         "table", help="print a study's comparison table from its stored results",
         description="Rows x columns from the study's report block (overridable), cells mean +- std over seeds with "
                     "n, best per column bold and second underlined, delta and a paired test over seeds against the "
@@ -90,11 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: sslray table studies/quickstart.yaml --format latex > table.tex\n"
                "         sslray table studies/quickstart.yaml --bootstrap 1000    # + CIs over validation images\n"
                "         sslray table studies/quickstart.yaml --manifest          # what reproduces each trial",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    tb.add_argument("study")
-    tb.add_argument("--storage", help="default: the study's storage")
-    tb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="the --set overrides the study was run with (they change the trial ids)")
+        formatter_class=_RAW))
     tb.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"])
     tb.add_argument("--metric", help="default: report.metric (val/miou)")
     tb.add_argument("--rows", help="dotted config key or 'variant' (default: report.rows)")
@@ -114,36 +151,21 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--manifest", action="store_true",
                     help="per trial: id, git sha and dirty flag, split sha256, versions, the exact rerun command")
 
-    pl = sub.add_parser(
+
+def _plot_parser(sub) -> None:
+    pl = _study_arguments(sub.add_parser(
         "plot", help="write a study's figures: label efficiency, ablation bars, training curves",
         description="Figures from the stored results (matplotlib): label-efficiency curves (metric vs number of "
                     "labeled images, one line per row, seed band), ablation bars with error bars, training curves "
                     "per cell. Default: every kind that applies to the study. Prints the paths written.",
         epilog="Example: sslray plot studies/quickstart.yaml --kind efficiency --format svg --out figs/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    pl.add_argument("study")
-    pl.add_argument("--storage", help="default: the study's storage")
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="the --set overrides the study was run with")
+        formatter_class=_RAW))
     pl.add_argument("--kind", action="append", choices=["efficiency", "ablation", "curves"],
                     help="repeatable (default: all that apply)")
     pl.add_argument("--out", help="output directory (default: <storage>/plots)")
     pl.add_argument("--format", default="png", choices=["png", "svg"])
     pl.add_argument("--metric", help="default: report.metric (val/miou)")
     pl.add_argument("--agg", choices=["last", "best"], help="default: report.agg")
-
-    v = sub.add_parser("validate", help="check study files and trial configs without running anything",
-                       description="Parse and validate each file; print one line per file; exit 2 if any is wrong.")
-    v.add_argument("files", nargs="+")
-
-    ls = sub.add_parser("list", help="list registered methods, loss terms, datasets or models")
-    ls.add_argument("what", choices=["methods", "terms", "datasets", "models"])
-    _data_parser(sub)
-    for cmd in (t, r, st, tb, pl, v, ls):  # study files are data: code they rely on is named here, by the user
-        cmd.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                         help="import MODULE and call its register() first, adding methods, terms or datasets "
-                              "(repeatable; Ray trials import it too)")
-    return p
 
 
 def _data_parser(sub) -> None:
@@ -206,15 +228,9 @@ def _init_distributed() -> bool:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk leaves no half-written summary behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from sslray.storage import atomic_write_text  # a full disk leaves no half-written summary behind
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def _fmt_report(m: dict, total: int) -> str:
@@ -254,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"trial_id": cfg.trial_id(), "name": cfg.name, "config": cfg.to_dict(),
                                "device": str(runtime.device), "world_size": runtime.world_size}
     try:
-        metrics = fit(cfg, runtime, reporter, resume_from="auto" if args.resume else None, out_dir=out_dir)
+        result = fit(cfg, runtime, reporter, resume_from="auto" if args.resume else None, out_dir=out_dir)
     except NonFiniteLossError as e:
         summary.update(status="failed", reason=str(e), wall_s=time.time() - t0)
         if runtime.is_main:
@@ -266,8 +282,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    history = metrics.pop("history", [])
-    summary.update(status="ok", metrics=metrics, history=history, wall_s=time.time() - t0)
+    metrics = result.metrics
+    summary.update(status="ok", metrics=metrics, history=result.history, wall_s=time.time() - t0)
     if runtime.is_main:
         _write_json(os.path.join(out_dir, "summary.json"), summary)
         ious = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("val/iou/")}
@@ -333,12 +349,9 @@ def _table(study, storage: str, fmt: str, **over) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sslray.study import load_study
-
-    study = load_study(args.study, args.overrides)
-    storage = os.path.abspath(args.storage or study.storage)
-    if args.dry_run:
-        from sslray.ray_adapter import plan
+    study, storage = _load(args)
+    if args.dry_run:  # the store alone: no Ray, no directory created
+        from sslray.results import plan
 
         todo, skipped = plan(study, storage, args.retry_failed)
         _print_plan(study, todo, skipped, storage)
@@ -349,8 +362,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # --resume needs nothing extra: stored trials are skipped and unfinished ones find their checkpoints
         summary = ray_adapter.run_study(study, address=args.address, storage=storage,
                                         retry_failed=args.retry_failed, num_cpus=args.num_cpus,
-                                        max_failures=args.max_failures, overrides=tuple(args.overrides),
-                                        plugins=tuple(args.plugins))
+                                        max_failures=args.max_failures, plugins=tuple(args.plugins))
     finally:
         ray_adapter.shutdown()
     print()
@@ -360,13 +372,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from sslray.results import ResultsStore
+def _load(args: argparse.Namespace):
+    """(study, absolute storage path) of a study command: the file with its ``--set`` overrides, ``--storage``."""
+    from sslray.storage import study_storage
     from sslray.study import load_study
 
-    study = load_study(args.study)
-    storage = os.path.abspath(args.storage or study.storage)
-    df = ResultsStore(storage).load()
+    study = load_study(args.study, args.overrides)
+    return study, str(study_storage(study, args.storage).root)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sslray.results import ResultsStore
+    from sslray.storage import StudyStorage
+
+    study, storage = _load(args)
+    layout = StudyStorage(storage)
+    df = ResultsStore(layout).load()
     rows = {r["trial_id"]: r for r in df.to_dict("records")} if len(df) else {}
     counts = {"done": 0, "failed": 0, "started": 0, "missing": 0}
     for p in study.trials():
@@ -378,8 +399,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         elif row is not None:
             state, detail = "failed", str(row.get("reason"))
         else:
-            ck = os.path.join(storage, "trials", p.trial_id, "checkpoint", "state.pt")
-            state = "started" if os.path.exists(ck) else "missing"
+            state = "started" if layout.started(p.trial_id) else "missing"
             detail = "checkpoint on disk; --resume continues it" if state == "started" else ""
         counts[state] += 1
         print(f"{state:8s} {p.trial_id[:12]}  {cell}  {detail}".rstrip())
@@ -388,10 +408,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from sslray.study import load_study
-
-    study = load_study(args.study, args.overrides)
-    storage = os.path.abspath(args.storage or study.storage)
+    study, storage = _load(args)
     print(_table(study, storage, args.format, metric=args.metric, rows=args.rows, cols=args.cols,
                  baseline=args.baseline, agg=args.agg, significance=args.significance, alpha=args.alpha,
                  bootstrap=args.bootstrap, paper=args.paper, per_class=args.per_class, pseudo=args.pseudo,
@@ -402,16 +419,15 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from sslray.plots import plot_study
     from sslray.results import ResultsStore
-    from sslray.study import load_study
+    from sslray.storage import StudyStorage
 
-    study = load_study(args.study, args.overrides)
-    storage = os.path.abspath(args.storage or study.storage)
+    study, storage = _load(args)
     store = ResultsStore(storage)
     df = store.load()
     if len(df) == 0:
         print(f"sslray: error: no stored results in {storage} (run the study first)", file=sys.stderr)
         return EXIT_FAILED
-    for path in plot_study(study, df, store.load_history(), args.out or os.path.join(storage, "plots"), args.kind,
+    for path in plot_study(study, df, store.load_history(), args.out or str(StudyStorage(storage).plots_dir), args.kind,
                            args.format, storage, args.metric, args.agg):
         print(path)
     return EXIT_OK

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sslray.report import Table, cell_members, study_report
 from sslray.report.sections import PARTITION
+from sslray.storage import StudyStorage, atomic_write
 from sslray.study import VARIANT
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def labeled_counts(planned: "list[PlannedTrial]", storage: str | None = None) ->
         elif cfg.data.dataset == "synthetic":
             out[part] = parse_partition_spec(part, cfg.data.synthetic.num_train)
         else:
-            paths = [os.path.join(storage or "", "trials", t.trial_id, "splits", "labeled.txt") for t in trials]
+            paths = [str(StudyStorage(storage or "").splits_dir(t.trial_id) / "labeled.txt") for t in trials]
             found = next((p for p in paths if os.path.isfile(p)), None)
             if found is None:
                 raise ValueError(f"partition {part!r}: its number of labeled images is known once one of its trials "
@@ -219,15 +220,13 @@ def plot_study(study: "Study", df: "pd.DataFrame", history: "pd.DataFrame", out_
 
 
 def save(fig: "Figure", path: str) -> str:
-    """Write ``fig`` atomically (tmp + rename) in the format of ``path``'s extension."""
+    """Write ``fig`` atomically (:func:`sslray.storage.atomic_write`) in the format of ``path``'s extension."""
     import matplotlib
 
-    tmp = f"{path}.tmp.{os.getpid()}"
     fmt = os.path.splitext(path)[1].lstrip(".")
     metadata: dict[str, Any] = {"Software": "sslray"} if fmt == "png" else {"Creator": "sslray"}
     if fmt == "svg":
         metadata["Date"] = None  # with a fixed id salt: a re-plot of the same results gives the same bytes
     with matplotlib.rc_context({"svg.hashsalt": "sslray"}):
-        fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
-    os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=150, metadata=metadata))
     return path

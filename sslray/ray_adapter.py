@@ -5,8 +5,11 @@
 
 Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
 
-* One Tune trial per planned trial (grids and ablations arrive fully resolved; searches come from Tune's
-  ``OptunaSearch``). The Tune trial function is the trial's driver.
+* One Tune trial per planned trial; the Tune trial function (:func:`trial_driver`) is the trial's driver. Its
+  one argument is a frozen :class:`TrialSpec` built by ``sslray run``: the resolved config for a grid or
+  ablation trial, the study's base dict for a search (``OptunaSearch`` adds the sampled dotted ``params``), plus
+  storage, resources, plugins and tracking. ``TrialSpec.resolve`` builds the TrialConfig on the node without
+  reading the study file (it need not exist there).
 * ``resources.workers == 1``: the trial trains inside the Tune trial actor itself (plain Tune, actors reused
   between trials). Ray Train would add a controller, a worker group, a placement group and a 2 s-paced
   teardown for nothing: a single worker has no one to all-reduce with. Retries are Tune's
@@ -16,20 +19,23 @@ Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
   ``TuneReportCallback``. The driver holds only a ``train_driver`` custom resource, so drivers never starve
   their own workers (the Tune + Train deadlock), and ``max_concurrent_trials`` is derived from what the
   workers need.
-* Every finished trial writes its own Parquet row (``ResultsStore``) before it returns, so a crash of the
+* Training returns ``FitResult(metrics, history)``; the trial wraps it in an ``_Outcome`` (status, reason, the
+  nodes it ran on) and writes its own Parquet row (``ResultsStore``) before it returns, so a crash of the
   ``sslray run`` process loses nothing finished; ``--resume`` (or a plain re-run) skips stored trial ids and
-  continues unfinished ones from their checkpoints.
+  continues unfinished ones from their checkpoints. Every path (``trials/<id>``, ``ray_tune``, ``ray_train``)
+  comes from :class:`sslray.storage.StudyStorage`; planning (``sslray.results.plan``) and the storage checks live
+  there too, so ``sslray run --dry-run`` and ``sslray status`` never import this module.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 # Set before Ray starts: the controller polls workers at this interval, which paces every report and the
 # teardown (2 s default measured as 6.5 s of teardown per trial; ray.md §1.3).
@@ -49,8 +55,9 @@ import ray.tune  # noqa: E402
 
 from sslray import tracking  # noqa: E402
 from sslray.config import ConfigError, TrialConfig, load_plugins  # noqa: E402
-from sslray.results import ResultsStore, make_row  # noqa: E402
-from sslray.study import Distribution, PlannedTrial, Study  # noqa: E402
+from sslray.results import ResultsStore, make_row, plan  # noqa: E402
+from sslray.storage import StudyStorage, study_storage  # noqa: E402
+from sslray.study import Distribution, PlannedTrial, Resources, Study, trial_from_params  # noqa: E402
 
 DRIVER_RESOURCE = "train_driver"
 
@@ -69,12 +76,61 @@ class RunSummary:
     wall_s: float
 
 
+@dataclass(frozen=True, repr=False)
+class TrialSpec:
+    """Everything a Tune trial needs, built once by the ``sslray run`` process and passed as ``config["sslray"]``:
+    no trial, on any node, reads the study file.
+
+    A grid / ablation trial carries its resolved ``config`` (a dict), the ``trial_id`` the driver planned and its
+    table ``cell``; a search trial carries the study's ``base`` dict (``--set`` applied) and gets its dotted
+    ``params`` from the searcher (``config["params"]``). :meth:`resolve` turns either into a TrialConfig. The dicts
+    are never mutated. ``source`` (the study file) only names the study in error messages."""
+
+    study: str
+    storage: str
+    resources: Resources = Resources()
+    max_failures: int = 2
+    plugins: tuple[str, ...] = ()
+    tracking: dict | None = None
+    seed: int = 0
+    source: str | None = None
+    config: dict | None = None
+    trial_id: str | None = None
+    cell: dict = dataclasses.field(default_factory=dict)
+    base: dict | None = None
+
+    def __repr__(self) -> str:  # Tune names trial directories and log lines after it: keep it short
+        what = self.trial_id[:12] if self.trial_id else "search"
+        return f"TrialSpec({self.study} {what})"
+
+    def resolve(self, params: Mapping[str, Any] | None = None) -> tuple[TrialConfig, dict]:
+        """(config, table cell) of this trial; a search sample's from ``params``. A grid config that resolves to
+        another id than the driver planned (other sslray code or plugins on this node) is a RuntimeError: its row
+        would land where the driver never looks."""
+        if self.config is None:
+            cfg = trial_from_params(self.base or {}, params or {}, self.seed, self.study, self.source)
+            return cfg, {**(params or {}), "seed": self.seed}
+        cfg = TrialConfig.from_dict(self.config, source=f"study {self.study}")
+        if cfg.trial_id() != self.trial_id:
+            raise RuntimeError(f"trial {str(self.trial_id)[:12]} resolves to {cfg.short_id()} on this node: its "
+                               "sslray code or plugins differ from the driver's")
+        return cfg, dict(self.cell)
+
+
+@dataclass
+class _Outcome:
+    """How a trial's training ended: status, final metrics and history (from ``FitResult``), the failure reason,
+    and where it ran (``nodes``, ``worker_nodes``: columns of its row)."""
+
+    status: str
+    metrics: dict | None = None
+    history: list | None = None
+    reason: str | None = None
+    placement: dict = dataclasses.field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------------------------------
 # inside the trial
-
-
-def _trial_dir(storage: str, trial_id: str) -> str:
-    return os.path.join(storage, "trials", trial_id)
 
 
 def _device_label(gpus: float) -> str:
@@ -83,180 +139,135 @@ def _device_label(gpus: float) -> str:
     return torch.cuda.get_device_name(0) if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _finish(spec: dict, cfg: TrialConfig, status: str, metrics: dict | None, reason: str | None, t0: float,
-            extra: dict | None = None) -> dict:
+def _finish(spec: TrialSpec, cfg: TrialConfig, cell: dict, outcome: _Outcome, t0: float, rerun: str = "") -> dict:
     """Write the trial's result row (and its history) to the store; returns the row."""
-    store = ResultsStore(spec["storage"])
-    metrics = dict(metrics or {})
-    history = metrics.pop("history", None)
-    res = spec["resources"]
-    wall = time.time() - t0
-    row_extra = {"gpus": res["workers"] * res["gpus_per_worker"], "cpus": res["workers"] * res["cpus_per_worker"],
-                 "rerun": spec["rerun"], "world_size": res["workers"], "started_at": t0, **(extra or {})}
-    split = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), "splits")
-    if os.path.isdir(split):
-        from sslray.data.splits import file_sha256
-
-        row_extra["split_sha256"] = {f: file_sha256(os.path.join(split, f)) for f in sorted(os.listdir(split))}
-    row = make_row(spec["study"], spec["cell"], cfg, status, metrics, reason, wall,
-                   _device_label(res["gpus_per_worker"]), row_extra)
-    store.write(row, history)
+    storage = StudyStorage(spec.storage)
+    res = spec.resources
+    extra = {"gpus": res.workers * res.gpus_per_worker, "cpus": res.workers * res.cpus_per_worker,
+             "rerun": rerun, "world_size": res.workers, "started_at": t0, **outcome.placement}
+    split_sha = storage.split_sha256(cfg.trial_id())
+    if split_sha is not None:
+        extra["split_sha256"] = split_sha
+    row = make_row(spec.study, cell, cfg, outcome.status, outcome.metrics, outcome.reason, time.time() - t0,
+                   _device_label(res.gpus_per_worker), extra)
+    ResultsStore(storage).write(row, outcome.history)
     return row
 
 
-def _write_trial_config(storage: str, cfg: TrialConfig, plugins: list[str]) -> str:
-    """Store the resolved config beside the trial's checkpoints; returns the command that reruns it alone."""
-    import yaml
-
-    d = _trial_dir(storage, cfg.trial_id())
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, "config.yaml")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk leaves no half-written config behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return f"sslray train {path} --out {d} --resume" + "".join(f" --plugin {m}" for m in plugins)
-
-
-def _fit_with(spec: dict, cfg: TrialConfig, runtime, reporter, resume_from) -> tuple[str, dict | None, str | None]:
+def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, resume_from) -> _Outcome:
     from sslray.methods import NonFiniteLossError
     from sslray.tracking import TrialRun
     from sslray.trainer import fit
 
-    out_dir = _trial_dir(spec["storage"], cfg.trial_id())
+    out_dir = str(StudyStorage(spec.storage).trial_dir(cfg.trial_id()))
     # W&B on the reporting process only: the trial actor, or rank 0 of the Train workers (ray.md section 4)
-    run = TrialRun.start(spec.get("tracking"), spec["study"], cfg, spec.get("cell")) if runtime.is_main else None
-    outcome: tuple[str, dict | None, str | None] = ("failed", None, "the trial process stopped before it returned")
+    run = TrialRun.start(spec.tracking, spec.study, cfg, cell) if runtime.is_main else None
+    outcome = _Outcome("failed", reason="the trial process stopped before it returned")
     try:
-        metrics = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
-                      out_dir=out_dir)
-        outcome = ("ok", metrics, None)
+        result = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
+                     out_dir=out_dir)
+        outcome = _Outcome("ok", result.metrics, result.history)
     except NonFiniteLossError as e:  # deterministic: retrying would fail the same way
-        outcome = ("failed", None, str(e))
+        outcome = _Outcome("failed", reason=str(e))
     except (FileNotFoundError, ValueError) as e:  # bad data or config found at trial start
-        outcome = ("failed", None, f"{type(e).__name__}: {e}")
+        outcome = _Outcome("failed", reason=f"{type(e).__name__}: {e}")
     finally:
         if run is not None:
-            run.finish(*outcome)
+            run.finish(outcome.status, outcome.metrics, outcome.reason)
     return outcome
 
 
+def _scalars(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
 def trial_driver(config: dict) -> dict:
-    """The Tune trial function: resolves the config, trains (here or on a Train worker group), stores the row."""
-    spec = dict(config["sslray"])
-    load_plugins(spec["plugins"])
-    if "params" in config:  # a search sample: dotted params from OptunaSearch
-        study = _load_study_for_search(spec)
-        cfg = study.trial_from_params(config["params"], spec["seed"])
-        spec["cell"] = {**config["params"], "seed": spec["seed"]}
-    else:
-        cfg = TrialConfig.from_dict(spec["config"], source=f"study {spec['study']}")
-        if cfg.trial_id() != spec["trial_id"]:  # its row would land under an id the driver never looks up
-            raise RuntimeError(f"trial {spec['trial_id'][:12]} resolves to {cfg.short_id()} on this node: its sslray "
-                               "code or plugins differ from the driver's")
-    spec["rerun"] = _write_trial_config(spec["storage"], cfg, spec["plugins"])
+    """The Tune trial function: resolves its :class:`TrialSpec`, trains (here or on a Train worker group), stores
+    the row, returns the final scalars for Tune."""
+    spec: TrialSpec = config["sslray"]
+    load_plugins(list(spec.plugins))
+    cfg, cell = spec.resolve(config.get("params"))  # params: a search sample's dotted values from OptunaSearch
+    rerun = StudyStorage(spec.storage).write_trial_config(cfg, spec.plugins)
     t0 = time.time()
-    if spec["resources"]["workers"] == 1:
-        status, metrics, reason = _fit_in_actor(spec, cfg)
-    else:
-        status, metrics, reason = _fit_on_workers(spec, cfg)
-    extra = metrics.pop("_extra", None) if metrics else None  # node placement, from the Train workers
-    _finish(spec, cfg, status, metrics, reason, t0, extra=extra)
-    final = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and k != "history"}
-    return {**final, "sslray_status": status, "sslray_trial_id": cfg.trial_id()}
+    fit_on = _fit_in_actor if spec.resources.workers == 1 else _fit_on_workers
+    outcome = fit_on(spec, cfg, cell)
+    _finish(spec, cfg, cell, outcome, t0, rerun)
+    return {**_scalars(outcome.metrics), "sslray_status": outcome.status, "sslray_trial_id": cfg.trial_id()}
 
 
-def _fit_in_actor(spec: dict, cfg: TrialConfig):
+def _fit_in_actor(spec: TrialSpec, cfg: TrialConfig, cell: dict) -> _Outcome:
     from sslray.trainer import Runtime
 
     def reporter(metrics: dict, checkpoint: str | None) -> None:
-        ray.tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        ray.tune.report(_scalars(metrics))
 
-    status, metrics, reason = _fit_with(spec, cfg, Runtime.detect(cfg.run.device), reporter, "auto")
-    if metrics is not None:  # where it ran (after a lost node: where the retry ran), like the Train workers report
-        metrics["_extra"] = {"nodes": [ray.get_runtime_context().get_node_id()]}
-    return status, metrics, reason
+    outcome = _fit_with(spec, cfg, cell, Runtime.detect(cfg.run.device), reporter, "auto")
+    if outcome.metrics is not None:  # where it ran (after a lost node: where the retry ran), as Train workers say
+        outcome.placement = {"nodes": [ray.get_runtime_context().get_node_id()]}
+    return outcome
 
 
-def _fit_on_workers(spec: dict, cfg: TrialConfig):
+def _fit_on_workers(spec: TrialSpec, cfg: TrialConfig, cell: dict) -> _Outcome:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    res = spec["resources"]
-    use_gpu = res["gpus_per_worker"] > 0
-    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec, "config": cfg.to_dict()},
+        train_loop_config={"spec": spec, "config": cfg.to_dict(), "cell": cell},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker,
-                                               placement_strategy=res.get("placement", "PACK").upper()),
+                                               placement_strategy=res.placement.upper()),
         run_config=ray.train.RunConfig(
-            name=f"{spec['study']}-{cfg.short_id()}",  # stable: a re-run finds and resumes this run
-            storage_path=os.path.join(spec["storage"], "ray_train"),
+            name=f"{spec.study}-{cfg.short_id()}",  # stable: a re-run finds and resumes this run
+            storage_path=str(StudyStorage(spec.storage).ray_train_dir),
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=spec["max_failures"], controller_failure_limit=3),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=3),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")))
     result = trainer.fit()
-    out = result.return_value if result.return_value is not None else {}
-    if result.error is not None and not out:
-        return "failed", None, f"{type(result.error).__name__}: {result.error}"
-    return out.get("status", "failed"), out.get("metrics"), out.get("reason")
+    if result.return_value is not None:
+        return result.return_value
+    if result.error is not None:
+        return _Outcome("failed", reason=f"{type(result.error).__name__}: {result.error}")
+    return _Outcome("failed")
 
 
-def train_fn_per_worker(loop_config: dict) -> dict | None:
-    """Runs on each Ray Train worker: the shared trainer under DDP (process group set up by Ray Train)."""
+def train_fn_per_worker(loop_config: dict) -> _Outcome | None:
+    """Runs on each Ray Train worker: the shared trainer under DDP (process group set up by Ray Train); rank 0
+    returns the :class:`_Outcome`."""
     import torch.distributed as dist
 
     from sslray.trainer import Runtime
 
-    spec = loop_config["spec"]
-    load_plugins(spec["plugins"])
+    spec: TrialSpec = loop_config["spec"]
+    load_plugins(list(spec.plugins))
     cfg = TrialConfig.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
+    rank = ray.train.get_context().get_world_rank()
     runtime = Runtime.detect(cfg.run.device)
     nodes: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
     def reporter(metrics: dict, checkpoint: str | None) -> None:
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ck = ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None
-        ray.train.report(scalars, checkpoint=ck)  # every rank: report is a barrier
+        ray.train.report(_scalars(metrics), checkpoint=ck)  # every rank: report is a barrier
 
     resume_from = "auto"
     ck = ray.train.get_checkpoint()  # after a worker failure: the last reported checkpoint
     if ck is not None:
-        import shutil
-
         with ck.as_directory() as d:  # a copy per rank: no rank reads another's half-copied files
-            local = os.path.join(_trial_dir(spec["storage"], cfg.trial_id()), f"restored-rank{ctx.get_world_rank()}")
+            local = str(StudyStorage(spec.storage).restored_dir(cfg.trial_id(), rank))
             shutil.copytree(d, local, dirs_exist_ok=True)
             resume_from = local
-    status, metrics, reason = _fit_with(spec, cfg, runtime, reporter, resume_from)
-    if ctx.get_world_rank() != 0:
+    outcome = _fit_with(spec, cfg, loop_config["cell"], runtime, reporter, resume_from)
+    if rank != 0:
         return None
-    if metrics is not None:
-        metrics["_extra"] = {"nodes": sorted(set(nodes)), "worker_nodes": nodes}
-    return {"status": status, "metrics": metrics, "reason": reason}
-
-
-_STUDY_CACHE: dict[str, Study] = {}
-
-
-def _load_study_for_search(spec: dict) -> Study:
-    from sslray.study import load_study
-
-    key = spec["study_path"] + json.dumps(spec["overrides"])
-    if key not in _STUDY_CACHE:
-        _STUDY_CACHE[key] = load_study(spec["study_path"], spec["overrides"])
-    return _STUDY_CACHE[key]
+    if outcome.metrics is not None:
+        outcome.placement = {"nodes": sorted(set(nodes)), "worker_nodes": nodes}
+    return outcome
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +339,7 @@ class _Progress(ray.tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "sslray_status" in result or self.metric not in result:
             return  # the final return value, printed by on_trial_complete
-        label = self.labels.get(trial.config.get("sslray", {}).get("trial_id", ""), trial.trial_id)
+        label = self.labels.get(getattr(trial.config.get("sslray"), "trial_id", None) or "", trial.trial_id)
         it = result.get("iteration", "?")
         print(f"      {label}: iteration {it}  loss {result.get('train/loss', float('nan')):.3f}  "
               f"{self.metric} {result[self.metric]:.2f}", flush=True)
@@ -353,125 +364,104 @@ def _label(p: PlannedTrial) -> str:
     return " ".join(parts + [f"seed={p.seed}"])
 
 
-def plan(study: Study, storage: str, retry_failed: bool = False) -> tuple[list[PlannedTrial], list[PlannedTrial]]:
-    """(to run, skipped): trials whose id is already stored are skipped (failed ones too, unless retried)."""
-    store = ResultsStore(storage)
-    done = store.ids("ok") | (set() if retry_failed else store.ids("failed"))
-    planned = study.trials()
-    return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]
-
-
 def run_study(study: Study, address: str | None = None, storage: str | None = None,
               retry_failed: bool = False, num_cpus: int | None = None, max_failures: int = 2,
-              overrides: tuple[str, ...] = (), verbose: bool = True, plugins: tuple[str, ...] = ()) -> RunSummary:
+              verbose: bool = True, plugins: tuple[str, ...] = ()) -> RunSummary:
     """Run every missing trial of ``study`` on Ray and store one Parquet row per trial.
 
     What can be checked before anything starts is: the storage (writable, room left) and, for a local instance, what
     one trial needs against this machine; a failure there creates no directory and starts no Ray. ``plugins`` are the
-    ``--plugin`` modules the study was loaded with (already imported here); every trial imports them too.
+    ``--plugin`` modules the study was loaded with (already imported here); every trial imports them too. ``storage``
+    overrides the study's; the study's ``--set`` overrides are already in ``study.base_dict``, which search trials
+    carry (no trial reads the study file).
     """
     t0 = time.time()
-    storage = storage or study.storage
-    if "://" in storage:
-        raise ConfigError(study.path, "storage", f"{storage}: object-store URIs are not supported yet; use a path "
-                                                 "that every node sees (local disk on one machine, NFS/EFS on a cluster)")
-    storage = os.path.abspath(storage)
-    _check_storage(storage, study.path)
+    layout = study_storage(study, storage)
+    layout.check(study.path)
     if not address and not ray.is_initialized():
         check_fits(study, _local_resources(num_cpus), study.path)
-    todo, skipped = plan(study, storage, retry_failed)
+    todo, skipped = plan(study, layout, retry_failed)
     search = study.search is not None
     if not todo and not search:
         if verbose:
-            print(f"sslray run: all {len(skipped)} trials of {study.name} are already in {storage}")
+            print(f"sslray run: all {len(skipped)} trials of {study.name} are already in {layout.root}")
         return RunSummary(len(skipped), len(skipped), 0, 0, 0, time.time() - t0)
     _init_ray(address, num_cpus, dashboard=study.resources.workers > 1 or bool(search and study.search.scheduler))
     cluster = ray.cluster_resources()
     check_fits(study, cluster, study.path)
-    os.makedirs(storage, exist_ok=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
     n = study.search.num_samples if search else len(todo)
     concurrent = max_concurrent(study, cluster, n)
-    res = study.resources
-    base_spec = {"study": study.name, "storage": storage, "max_failures": max_failures, "plugins": list(plugins),
-                 "resources": {"workers": res.workers, "cpus_per_worker": res.cpus_per_worker,
-                               "gpus_per_worker": res.gpus_per_worker,
-                               "placement": res.placement},
-                 "study_path": os.path.abspath(study.path), "overrides": list(overrides),
-                 "tracking": tracking.settings_for(study, storage)}
-    trainable = ray.tune.with_resources(trial_driver, trial_resources(study))
-    labels = {p.trial_id: _label(p) for p in todo}
-    metric = study.report.metric
+    spec = TrialSpec(study=study.name, storage=str(layout.root), resources=study.resources,
+                     max_failures=max_failures, plugins=tuple(plugins), source=os.path.abspath(study.path),
+                     tracking=tracking.settings_for(study, str(layout.root)))
     if search:
-        param_space, tune_cfg = _search_setup(study, base_spec, concurrent)
+        param_space, tune_cfg = _search_setup(study, spec, concurrent)
     else:
-        specs = [{**base_spec, "config": p.config.to_dict(), "cell": {**p.point, "seed": p.seed}, "seed": p.seed,
-                  "trial_id": p.trial_id} for p in todo]
-        param_space = {"sslray": ray.tune.grid_search(specs)}
+        param_space = {"sslray": ray.tune.grid_search([_grid_spec(spec, p) for p in todo])}
         tune_cfg = ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True)
     if verbose:
+        res = study.resources
         what = f"{n} search samples" if search else f"{len(todo)} trials ({len(skipped)} already stored)"
-        print(f"sslray run: {study.name}: {what}, {concurrent} at a time, "
-              f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each -> {storage}",
-              flush=True)
+        print(f"sslray run: {study.name}: {what}, {concurrent} at a time, {res.workers} worker(s) x "
+              f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each -> {layout.root}", flush=True)
     tuner = ray.tune.Tuner(
-        trainable, param_space=param_space, tune_config=tune_cfg,
+        ray.tune.with_resources(trial_driver, trial_resources(study)), param_space=param_space, tune_config=tune_cfg,
         run_config=ray.tune.RunConfig(
-            name=f"{study.name}-tune", storage_path=os.path.join(storage, "ray_tune"), verbose=0,
+            name=f"{study.name}-tune", storage_path=str(layout.ray_tune_dir), verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_Progress(n, labels, metric)] if verbose else []))
+            callbacks=[_Progress(n, {p.trial_id: _label(p) for p in todo}, study.report.metric)] if verbose else []))
     grid = tuner.fit()
-    _store_errored(grid, storage)
-    if search:
-        _store_stopped(grid, study, storage)
-    tracking.log_study(study, storage, base_spec["tracking"])  # no-op when tracking is disabled
-    store = ResultsStore(storage)
-    ids = {p.trial_id for p in todo}
-    ok_ids, failed_ids = store.ids("ok"), store.ids("failed")
-    if search:
+    _store_unreturned(grid, layout)
+    tracking.log_study(study, str(layout.root), spec.tracking)  # no-op when tracking is disabled
+    return _summary(grid, layout, todo, skipped, n if search else None, t0)
+
+
+def _grid_spec(spec: TrialSpec, p: PlannedTrial) -> TrialSpec:
+    return dataclasses.replace(spec, config=p.config.to_dict(), trial_id=p.trial_id, cell={**p.point, "seed": p.seed},
+                               seed=p.seed)
+
+
+def _summary(grid, layout: StudyStorage, todo: list[PlannedTrial], skipped: list[PlannedTrial],
+             samples: int | None, t0: float) -> RunSummary:
+    """What ran, from the store for a grid (the truth), from Tune's results for a search (``samples`` set)."""
+    if samples is not None:
         ran = [r for r in grid if r.metrics and r.metrics.get("sslray_trial_id")]
         ok = sum(1 for r in ran if r.metrics.get("sslray_status") == "ok")
-        return RunSummary(n, 0, len(ran), ok, len(ran) - ok, time.time() - t0)
-    ok, failed = len(ids & ok_ids), len(ids & failed_ids)
+        return RunSummary(samples, 0, len(ran), ok, len(ran) - ok, time.time() - t0)
+    store = ResultsStore(layout)
+    ids = {p.trial_id for p in todo}
+    ok, failed = len(ids & store.ids("ok")), len(ids & store.ids("failed"))
     return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
-
-
-def _store_errored(grid, storage: str) -> None:
-    """Trials that crashed past their retries (Tune marks them errored) still get a failed row."""
-    store = ResultsStore(storage)
-    for r in grid:
-        if r.error is None:
-            continue
-        spec = (r.config or {}).get("sslray")
-        if not spec or "config" not in spec:
-            continue
-        cfg = TrialConfig.from_dict(spec["config"])
-        if store.has(cfg.trial_id()):
-            continue
-        reason = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300] if str(r.error) else ''}"
-        _finish({**spec, "rerun": ""}, cfg, "failed", None, reason, time.time())
 
 
 _METRIC_PREFIXES = ("train/", "val/", "best/", "time/", "mem/")
 
 
-def _store_stopped(grid, study: Study, storage: str) -> None:
-    """Search trials that a scheduler stopped early never return: store their last report as ``stopped``."""
-    store = ResultsStore(storage)
+def _store_unreturned(grid, layout: StudyStorage) -> None:
+    """Rows for trials that never returned: a grid trial that crashed past its retries (Tune marks it errored)
+    gets a failed row; a search trial that a scheduler stopped early, its last report as ``stopped``."""
+    store = ResultsStore(layout)
     for r in grid:
-        m = r.metrics or {}
-        if r.error is not None or "sslray_status" in m or "params" not in (r.config or {}):
+        spec, m = (r.config or {}).get("sslray"), r.metrics or {}
+        if not isinstance(spec, TrialSpec):
             continue
-        spec = r.config["sslray"]
-        cfg = study.trial_from_params(r.config["params"], spec["seed"])
-        if store.has(cfg.trial_id()):
+        if r.error is not None and spec.config is not None:
+            cfg, cell = spec.resolve()
+            reason = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300] if str(r.error) else ''}"
+            outcome = _Outcome("failed", reason=reason)
+        elif r.error is None and "sslray_status" not in m and "params" in r.config:
+            cfg, cell = spec.resolve(r.config["params"])
+            kept = {k: v for k, v in m.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}
+            outcome = _Outcome("stopped", kept, reason=f"stopped by the scheduler after {m.get('iteration', '?')} "
+                                                       "iterations")
+        else:
             continue
-        kept = {k: v for k, v in m.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}
-        reason = f"stopped by the scheduler after {m.get('iteration', '?')} iterations"
-        _finish({**spec, "cell": {**r.config["params"], "seed": spec["seed"]}, "rerun": ""}, cfg, "stopped",
-                kept, reason, time.time())
+        if not store.has(cfg.trial_id()):
+            _finish(spec, cfg, cell, outcome, time.time())
 
 
-def _search_setup(study: Study, base_spec: dict, concurrent: int):
+def _search_setup(study: Study, spec: TrialSpec, concurrent: int):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -492,8 +482,8 @@ def _search_setup(study: Study, base_spec: dict, concurrent: int):
         # stop_last_trials=False: survivors at max_t exit on their own instead of being killed (ray.md §1.4)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode,
                                   stop_last_trials=False, **sch)
-    spec = {**base_spec, "seed": study.seeds[0], "cell": {}}
-    param_space = {**space, "sslray": spec}
+    # the base dict travels with every trial: no node reads the study file
+    param_space = {**space, "sslray": dataclasses.replace(spec, base=study.base_dict, seed=study.seeds[0])}
     cfg = ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                               max_concurrent_trials=concurrent, reuse_actors=True)
     return param_space, cfg
@@ -512,33 +502,6 @@ def _domain(d: Distribution):
     raise ValueError(f"unknown distribution {d.kind!r}")
 
 
-MIN_FREE_BYTES = 100 << 20  # a full disk, caught before the first checkpoint fails; not a size estimate
-
-
-def _check_storage(storage: str, source: str) -> None:
-    """Refuse a storage that cannot take the study's files, without creating anything: the probe is written (and
-    removed) in the deepest directory that exists, where ``makedirs`` would create the storage. Works for root too,
-    which ``os.access`` does not (root passes every permission check, but not a read-only mount or a full disk)."""
-    existing = storage
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(source, "storage", f"{storage} cannot be created: {existing} is a file, not a directory")
-    probe = os.path.join(existing, f".sslray_write_probe.{os.getpid()}")
-    try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        if os.path.exists(probe):
-            os.remove(probe)
-        raise ConfigError(source, "storage", f"{storage} is not writable ({existing}: {e.strerror})") from None
-    free = shutil.disk_usage(existing).free
-    if free < MIN_FREE_BYTES:
-        raise ConfigError(source, "storage", f"{storage} has {free >> 20} MiB free; a study needs at least "
-                                             f"{MIN_FREE_BYTES >> 20} MiB for its checkpoints and results")
-
-
 def _local_resources(num_cpus: int | None) -> dict[str, float]:
     """What the local instance ``_init_ray`` would start offers, known without starting it."""
     import torch
@@ -551,5 +514,5 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-__all__ = ["run_study", "plan", "max_concurrent", "trial_resources", "check_fits", "shutdown", "RunSummary",
+__all__ = ["run_study", "plan", "TrialSpec", "max_concurrent", "trial_resources", "check_fits", "shutdown", "RunSummary",
            "trial_driver", "train_fn_per_worker", "ClusterTooSmall"]

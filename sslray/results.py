@@ -1,19 +1,21 @@
 """The results store: one Parquet file per finished trial, the truth for ``--resume``, ``status`` and tables.
 
-Layout under a study's storage root::
+Files under a study's storage root (paths from :class:`sslray.storage.StudyStorage`, the one owner of the layout)::
 
     <root>/results/<trial_id>.parquet   one row: status, the flattened config, final/best metrics, provenance
-    <root>/history/<trial_id>.parquet   one row per evaluation (the reporter's metrics dicts)
+    <root>/history/<trial_id>.parquet   one row per evaluation (the trainer's ``FitResult.history``)
 
-Files are written to a ``.tmp`` name in the same directory and renamed (``os.replace``), so a reader never sees
-half a file and a crash leaves at most an ignored temp file. ``pandas.read_parquet(<root>/results)`` works
+Files are written with :func:`sslray.storage.atomic_write` (a ``.tmp`` name in the same directory, fsync, rename),
+so a reader never sees half a file and a crash leaves at most an ignored temp file. ``pandas.read_parquet(<root>/results)`` works
 without sslray because every file writes each column with the same Arrow type (see :func:`arrow_type`); note that
 a plain directory read takes its column *set* from the first file, so per-class columns of a dataset that only
 later files have are dropped there. :meth:`ResultsStore.load` reads the files one by one and keeps every column.
+:func:`plan` splits a study's trials into those to run and those already stored (``sslray run``, ``--dry-run``).
 
     store = ResultsStore("runs/quickstart")
-    store.write(make_row("quickstart", t.point, t.config, "ok", metrics, None, wall_s, "cpu"), history)
+    store.write(make_row("quickstart", t.point, t.config, "ok", result.metrics, None, wall_s, "cpu"), result.history)
     df = store.load()
+    todo, skipped = plan(study, "runs/quickstart")
 """
 from __future__ import annotations
 
@@ -25,21 +27,23 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sslray.config import TrialConfig, flatten
+from sslray.storage import TMP_PREFIX, StudyStorage, atomic_write
+
+if TYPE_CHECKING:
+    from sslray.study import PlannedTrial, Study
 
 REQUIRED = ("study", "trial_id", "status")
 HISTORY_REQUIRED = ("study", "trial_id")
 STATUSES = ("ok", "failed", "stopped")  # stopped: ended early by a scheduler (ASHA)
 TRIAL_FILE = re.compile(r"[0-9a-f]{64}\.parquet")
-TMP_PREFIX = ".tmp"
 # Metric columns every row has (None when not reported), plus train/loss/<term> for every registered term and
 # val/iou/<class> for the dataset's classes: a plain directory read takes its columns from the first file, which may
 # be a failed trial or a supervised one, and must still see the columns of the others.
@@ -93,7 +97,7 @@ def make_row(study: str, planned_cell: Mapping[str, Any], config: TrialConfig, s
     }
     row.update(_config_columns(config))
     row.update({k: None for k in _standard_metrics(config)})
-    row.update({k: _scalar(v) for k, v in (metrics or {}).items() if k != "history"})
+    row.update({k: _scalar(v) for k, v in (metrics or {}).items()})
     row.update({
         "wall_s": float(wall_s), "device": device,
         "gpu_hours": _hours(wall_s, extra.get("gpus")), "cpu_hours": _hours(wall_s, extra.get("cpus")),
@@ -237,15 +241,16 @@ def _coerce(v: Any, t: pa.DataType) -> Any:
 
 
 class ResultsStore:
-    """Parquet rows of one study under ``root`` (a local directory)."""
+    """Parquet rows of one study under ``root`` (a local directory, or a :class:`StudyStorage`)."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.results_dir = self.root / "results"
-        self.history_dir = self.root / "history"
+    def __init__(self, root: "str | os.PathLike | StudyStorage"):
+        self.storage = root if isinstance(root, StudyStorage) else StudyStorage(root)
+        self.root = self.storage.root
+        self.results_dir = self.storage.results_dir
+        self.history_dir = self.storage.history_dir
 
     def path(self, trial_id: str) -> Path:
-        return self.results_dir / f"{trial_id}.parquet"
+        return self.storage.result_file(trial_id)
 
     def write(self, row: Mapping[str, Any], history: list[Mapping[str, Any]] | None = None) -> str:
         """Store one trial's row (and its per-evaluation history); returns the row file's path.
@@ -261,7 +266,7 @@ class ResultsStore:
             if status != "failed":
                 raise StoreError(f"{dst}: trial {trial_id[:12]} is already stored with status {status!r}; "
                                  "only failed trials may be overwritten")
-        hist_dst = self.history_dir / dst.name
+        hist_dst = self.storage.history_file(trial_id)
         if history:
             # the row's metric columns, so that every history file has them too (see STANDARD_METRICS)
             metric_keys = {k: None for k in row if ("/" in k or k == "iteration") and k not in ARRAY_METRICS}
@@ -312,20 +317,17 @@ def _check_row(row: Mapping[str, Any]) -> str:
 
 
 def _atomic_write(table: pa.Table, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=TMP_PREFIX, suffix=".parquet")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the bytes do
-        os.replace(tmp, dst)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:  # a full disk: say which file could not be stored
-            raise OSError(e.errno, f"cannot write {dst}: {e.strerror}") from None
-        raise
+    atomic_write(dst, lambda f: pq.write_table(table, f))
+
+
+def plan(study: "Study", storage: "str | os.PathLike | StudyStorage",
+         retry_failed: bool = False) -> "tuple[list[PlannedTrial], list[PlannedTrial]]":
+    """(to run, skipped) of a grid / ablation study: trials whose id is already stored are skipped (failed ones too,
+    unless ``retry_failed``). Reads only the store: ``sslray run --dry-run`` plans without Ray."""
+    store = ResultsStore(storage)
+    done = store.ids("ok") | (set() if retry_failed else store.ids("failed"))
+    planned = study.trials()
+    return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]
 
 
 def _trial_files(directory: Path) -> list[Path]:

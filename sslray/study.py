@@ -273,9 +273,8 @@ class Study:
     def trial_from_params(self, params: Mapping[str, Any], seed: int) -> TrialConfig:
         """The config of a search sample: ``base`` with the dotted ``params`` set, ``seed``, and the name
         ``<study>-<short trial id>``. Raises ConfigError for a value the config rejects. Which of ``seeds`` a
-        sample runs with (once, or once per seed) is the caller's choice."""
-        cfg = _build(self.base_dict, {**params, "seed": seed}, self.path, "search.space")
-        return dataclasses.replace(cfg, name=f"{self.name}-{cfg.short_id()}")
+        sample runs with (once, or once per seed) is the caller's choice. See :func:`trial_from_params`."""
+        return trial_from_params(self.base_dict, params, seed, self.name, self.path)
 
     def _cells(self) -> list[tuple[dict[str, Any], str | None, dict[str, Any]]]:
         """(grid point, variant label, dotted overrides) for every cell, in plan order."""
@@ -300,6 +299,14 @@ class Study:
             label = f"{cfg.short_id()}-s{seed}"
         cfg = dataclasses.replace(cfg, name=f"{self.name}-{label}")
         return PlannedTrial(cfg, cfg.trial_id(), variant, point, seed)
+
+
+def trial_from_params(base_dict: Mapping, params: Mapping[str, Any], seed: int, study_name: str,
+                      source: str | None) -> TrialConfig:
+    """A search sample's config from the study's ``base_dict`` alone: pure (no file is read; ``source`` only names
+    the study in errors), so a Ray trial builds it from what its ``TrialSpec`` carries, on any node."""
+    cfg = _build(base_dict, {**params, "seed": seed}, source, "search.space")
+    return dataclasses.replace(cfg, name=f"{study_name}-{cfg.short_id()}")
 
 
 def cell_label(value: Any) -> str:

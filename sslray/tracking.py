@@ -45,8 +45,8 @@ _ENV_MODES = {"offline": "offline", "dryrun": "offline", "online": "online", "ru
 
 
 def settings_for(study: "Study", storage: str) -> dict[str, Any] | None:
-    """The JSON-able tracking settings a study's trials carry (None: tracking off). ``storage`` is where the run
-    files go (``<storage>/wandb``)."""
+    """The JSON-able tracking settings a study's trials carry (None: tracking off). ``storage`` is the study's root:
+    W&B writes its run files under ``<dir>/wandb``, which is ``StudyStorage.wandb_dir``."""
     mode = study.tracking.wandb or env_mode()
     if mode == "disabled":
         return None
@@ -141,7 +141,7 @@ class TrialRun:
 
     def finish(self, status: str, metrics: Mapping[str, Any] | None, reason: str | None) -> None:
         """Final scalar metrics, status and reason into the summary; exit code 1 marks a failed run."""
-        summary = {**_scalars({k: v for k, v in (metrics or {}).items() if k != "history"}), "status": status}
+        summary = {**_scalars(metrics or {}), "status": status}
         if reason:
             summary["reason"] = reason
         self.run.summary.update(scrub(summary))
@@ -166,6 +166,7 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
     from sslray import plots
     from sslray.report import frame
     from sslray.results import ResultsStore
+    from sslray.storage import StudyStorage
 
     store = ResultsStore(storage)
     df, history = store.load(), store.load_history()
@@ -173,7 +174,7 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
     figures: list[str] = []
     if study.search is None:
         try:
-            figures = plots.plot_study(study, df, history, os.path.join(storage, "plots"))
+            figures = plots.plot_study(study, df, history, str(StudyStorage(storage).plots_dir))
         except ValueError as e:  # e.g. a ratio partition of a dataset whose split files are not written yet
             print(f"sslray: figures left out of the W&B summary run: {e}", file=sys.stderr)
     run = _init(settings, group=study.name, job_type="summary", name=f"{study.name}-summary",

@@ -6,10 +6,18 @@ Run manual::
     sslray train configs/synthetic_fixmatch.yaml --set train.iterations=2000
     torchrun --nproc-per-node 2 -m sslray train configs/synthetic_fixmatch.yaml   # DDP (gloo on CPU, nccl on GPU)
 
-``fit(cfg, runtime, reporter, resume_from)`` knows nothing about Ray: the reporter callback is its only way
-out (a metrics dict and the checkpoint directory after every evaluation). Results are reproducible: model
-init, data order and every augmentation are functions of ``cfg.seed`` and the iteration, and the
-checkpoint carries the RNG state used by dropout, so a resumed run equals an uninterrupted one.
+``fit(cfg, runtime, reporter, resume_from, out_dir) -> FitResult(metrics, history)`` knows nothing about Ray: the
+reporter callback is its only way out during training (a metrics dict and the checkpoint directory after every
+evaluation), and the result it returns reads as the final metrics mapping with the per-evaluation history beside
+it (``result.history``), never inside. Results are reproducible: model init, data order and every augmentation are
+functions of ``cfg.seed`` and the iteration, and the checkpoint carries the RNG state used by dropout, so a resumed
+run equals an uninterrupted one.
+
+Shape of ``fit``: :func:`_build` (data, model, method, optimizer, teacher-student step), :func:`_restore` (a
+checkpoint into those), :func:`_streams` (the labeled / unlabeled / mixing batch streams, named by ``STREAM_*``),
+then the loop itself in ``fit`` (learning rate, step, losses, backward, meters, log lines), which calls
+:func:`_evaluate_and_save` at every ``train.eval_every`` (validation, best, history, checkpoint) before reporting.
+Checkpoints are ``<out_dir>/checkpoint/state.pt`` (:func:`sslray.storage.checkpoint_dir`), written atomically.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,10 +38,10 @@ from sslray.data.datasets import build_data, make_loader
 from sslray.evaluate import evaluate
 from sslray.methods import NonFiniteLossError, build_method
 from sslray.models import build_model
+from sslray.storage import CHECKPOINT_FILE, atomic_write, checkpoint_dir
 from sslray.teacher_student import TeacherStudent
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
-CHECKPOINT_FILE = "state.pt"
 # Per-evaluation arrays kept only for the final metrics (the results row), not in every history entry.
 NOT_IN_HISTORY = ("val/confusion", "val/per_image")
 
@@ -94,22 +103,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(directory: str, state: dict) -> str:
-    """Write ``directory/state.pt`` atomically (tmp + rename) so a crash never leaves half a checkpoint, and a failed
-    write (disk full) leaves no temp file and says which file and why."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, CHECKPOINT_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:  # our file object: torch's writer keeps the OSError as the context
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = e if isinstance(e, OSError) else e.__context__
-        if isinstance(cause, OSError) and cause.errno is not None:  # torch raises "enforce fail ... unexpected pos"
-            raise OSError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror}") from None
-        raise
+    """Write ``directory/state.pt`` atomically (:func:`sslray.storage.atomic_write`) so a crash never leaves half a
+    checkpoint, and a failed write (disk full) leaves no temp file and says which file and why."""
+    atomic_write(os.path.join(directory, CHECKPOINT_FILE), lambda f: torch.save(state, f), what="checkpoint")
     return directory
 
 
@@ -141,14 +137,40 @@ class _Meter:
         return out
 
 
-def _progress(cfg: TrialConfig, runtime: Runtime, start: int):
-    show = cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty())
-    if not (show and runtime.is_main):
-        return None
-    from tqdm import tqdm
+class _Bar:
+    """The tqdm progress bar on rank 0 when ``run.progress`` asks for one; every method is a no-op otherwise."""
 
-    return tqdm(total=cfg.train.iterations, initial=start, desc=cfg.name, dynamic_ncols=True, file=sys.stderr,
-                unit="it")
+    def __init__(self, cfg: TrialConfig, runtime: Runtime, start: int):
+        show = cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if show and runtime.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.iterations, initial=start, desc=cfg.name, dynamic_ncols=True,
+                            file=sys.stderr, unit="it")
+
+    def step(self, it: int, losses: dict[str, torch.Tensor]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if (it + 1) % 10 == 0:
+                self.bar.set_postfix(loss=f"{float(losses['loss']):.3f}", refresh=False)
+
+    def evaluated(self, metrics: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
+                                 miou=f"{metrics['val/miou']:.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrialConfig, it: int) -> float:
+    """Poly decay of the backbone lr (group 0); the heads (group 1) at ``optim.head_lr_mult`` times it."""
+    lr = poly_lr(cfg.optim.lr, it, cfg.train.iterations, cfg.optim.poly_power)
+    optimizer.param_groups[0]["lr"] = lr
+    optimizer.param_groups[1]["lr"] = lr * cfg.optim.head_lr_mult
+    return lr
 
 
 def _step_diagnostics(out, conf_thresh: float, batch_u: dict | None) -> dict[str, torch.Tensor]:
@@ -170,28 +192,67 @@ def _to(batch: dict | None, device: torch.device) -> dict | None:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | None = None,
-        resume_from: str | None = None, out_dir: str | None = None) -> dict[str, Any]:
-    """Train one trial and return its final metrics (``val/*`` of the last evaluation, ``best/*``, ``time/*``).
+@dataclass(frozen=True, eq=False)
+class FitResult(Mapping):
+    """What :func:`fit` returns: the final ``metrics`` (``val/*`` of the last evaluation, ``best/*``, ``time/*``,
+    ``resumed_from``: the iteration a resumed run continued from, 0 for a fresh one) and the per-evaluation
+    ``history`` (one metrics dict per evaluation, without the arrays of ``NOT_IN_HISTORY``).
 
-    Args:
-        cfg: the resolved trial config.
-        runtime: rank, world size and device; detected from torch.distributed when None.
-        reporter: called after every evaluation on every rank with (metrics, checkpoint directory); the
-            directory is None on ranks other than 0 and when checkpointing is off.
-        resume_from: a checkpoint directory to continue from, or "auto" for ``<out_dir>/checkpoint`` when present.
-        out_dir: where splits and checkpoints go (default ``cfg.run.out_dir`` or ``runs/<name>-<id>``).
-    """
-    runtime = runtime or Runtime.detect(cfg.run.device)
+    It reads as the metrics mapping (``fit(cfg)["val/miou"]``); the history is only ``result.history``."""
+
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+    def __iter__(self):
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+
+@dataclass
+class _Parts:
+    """What a trial trains with, built once by :func:`_build` (and restored into by :func:`_restore`)."""
+
+    cfg: TrialConfig
+    runtime: Runtime
+    data: Any
+    model: nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer
+    ts: TeacherStudent
+    amp_dtype: torch.dtype | None
+
+    def validate(self) -> dict[str, Any]:
+        """Evaluate the student (or the teacher, ``train.eval_model``) on the validation set, all ranks together."""
+        cfg, data, ts = self.cfg, self.data, self.ts
+        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else self.model
+        return evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, self.runtime.device,
+                        data.class_names, data.ignore_index, self.runtime.rank, self.runtime.world_size,
+                        self.amp_dtype, per_image=True)
+
+
+@dataclass
+class _Progress:
+    """Where training stands: the first iteration to run, the best evaluation so far, the history so far."""
+
+    start: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# Stream ids of the data loaders: each stream's order and augmentations are a function of (seed, stream, iteration).
+STREAM_X, STREAM_U, STREAM_MIX = 0, 1, 2
+
+
+def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
+    """Data (split files under ``out_dir`` on rank 0), model, method, optimizer and the teacher-student step."""
     device = runtime.device
-    out_dir = out_dir or default_out_dir(cfg)
-    ckpt_dir = os.path.join(out_dir, "checkpoint")
-    if resume_from == "auto":
-        resume_from = ckpt_dir if os.path.exists(os.path.join(ckpt_dir, CHECKPOINT_FILE)) else None
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    t_start = time.perf_counter()
-
     data = build_data(cfg.data, workdir=out_dir if runtime.is_main else None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, data.num_classes).to(device)
@@ -213,52 +274,81 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
                         refine_teacher=method.refine_teacher if method.refines_teacher else None)
     # Dropout (FP) differs per rank, like independent GPUs; the stream itself is part of the checkpoint.
     torch.manual_seed(cfg.seed * 1009 + runtime.rank + 1)
+    return _Parts(cfg, runtime, data, model, method, optimizer, ts, amp_dtype)
 
-    start, best, history = 0, {}, []
-    if resume_from:
-        state = load_checkpoint(resume_from, device)
-        if state["trial_id"] != cfg.trial_id():
-            raise ValueError(f"{resume_from}: checkpoint belongs to trial {state['trial_id'][:12]}, "
-                             f"not {cfg.short_id()}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ts.load_state_dict(state["teacher_student"])
-        method.modules.load_state_dict(state["method"])
-        start, best, history = state["iteration"], state["best"], state["history"]
-        _set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)], device)
 
-    total = cfg.train.iterations
-    rank, world = runtime.rank, runtime.world_size
-    n_iters = total - start
-    loader_x = make_loader(data.labeled, len(data.labeled.entries), cfg.data.batch_size_x, cfg.seed, 0, start,
-                           n_iters, rank, world, cfg.run.num_workers)
-    needs_u = "u" in method.needs
-    loader_u = loader_mix = None
-    if needs_u:
+def _resume_path(resume_from: str | None, ckpt_dir: str) -> str | None:
+    if resume_from != "auto":
+        return resume_from
+    return ckpt_dir if os.path.exists(os.path.join(ckpt_dir, CHECKPOINT_FILE)) else None
+
+
+def _restore(parts: _Parts, resume_from: str | None) -> _Progress:
+    """Load a checkpoint into ``parts`` (weights, optimizer, teacher, method state, this rank's RNG)."""
+    if not resume_from:
+        return _Progress()
+    cfg, device = parts.cfg, parts.runtime.device
+    state = load_checkpoint(resume_from, device)
+    if state["trial_id"] != cfg.trial_id():
+        raise ValueError(f"{resume_from}: checkpoint belongs to trial {state['trial_id'][:12]}, not {cfg.short_id()}")
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.ts.load_state_dict(state["teacher_student"])
+    parts.method.modules.load_state_dict(state["method"])
+    _set_rng_state(state["rng"][min(parts.runtime.rank, len(state["rng"]) - 1)], device)
+    return _Progress(state["iteration"], state["best"], state["history"])
+
+
+def _streams(parts: _Parts, start: int) -> Callable[[], tuple[dict, dict | None, dict | None]]:
+    """The batch streams from iteration ``start`` on: labeled always, unlabeled when the method needs it, a second
+    unlabeled stream for mixing partners (``method.mix_source: batch``); returns ``next_batches()`` -> (x, u, mix)
+    on the device."""
+    cfg, data, rt = parts.cfg, parts.data, parts.runtime
+    common = dict(seed=cfg.seed, start_iter=start, num_iters=cfg.train.iterations - start, rank=rt.rank,
+                  world=rt.world_size, num_workers=cfg.run.num_workers)
+    loaders = [make_loader(data.labeled, n=len(data.labeled.entries), batch_size=cfg.data.batch_size_x,
+                           stream=STREAM_X, **common), None, None]
+    if "u" in parts.method.needs:
         n_u = len(data.unlabeled.entries)
-        loader_u = make_loader(data.unlabeled, n_u, cfg.data.batch_size_u, cfg.seed, 1, start, n_iters, rank, world,
-                               cfg.run.num_workers)
-        if cfg.method.mix_source == "batch" and method.needs & {"s1", "s2"}:
-            loader_mix = make_loader(data.unlabeled, n_u, cfg.data.batch_size_u, cfg.seed, 2, start, n_iters, rank,
-                                     world, cfg.run.num_workers)
-    streams = [iter(loader_x), iter(loader_u) if loader_u else None, iter(loader_mix) if loader_mix else None]
+        loaders[1] = make_loader(data.unlabeled, n=n_u, batch_size=cfg.data.batch_size_u, stream=STREAM_U, **common)
+        if cfg.method.mix_source == "batch" and parts.method.needs & {"s1", "s2"}:
+            loaders[2] = make_loader(data.unlabeled, n=n_u, batch_size=cfg.data.batch_size_u, stream=STREAM_MIX,
+                                     **common)
+    streams = [iter(loader) if loader is not None else None for loader in loaders]
 
-    def validate() -> dict[str, Any]:
-        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else model
-        return evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, device,
-                        data.class_names, data.ignore_index, rank, world, amp_dtype, per_image=True)
+    def next_batches() -> tuple[dict, dict | None, dict | None]:
+        x, u, mix = (_to(next(s), rt.device) if s is not None else None for s in streams)
+        return x, u, mix
 
-    meter, bar = _Meter(), _progress(cfg, runtime, start)
-    images_per_step = cfg.data.batch_size_x + (cfg.data.batch_size_u if needs_u else 0)
+    return next_batches
+
+
+def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | None = None,
+        resume_from: str | None = None, out_dir: str | None = None) -> FitResult:
+    """Train one trial of the resolved ``cfg``; returns its :class:`FitResult` (final metrics, history).
+
+    ``runtime`` (rank, world size, device) is detected from torch.distributed when None. ``reporter`` is called after
+    every evaluation on every rank with (metrics, checkpoint directory: None on ranks other than 0 and with
+    checkpointing off). ``resume_from`` is a checkpoint directory, or "auto" for ``<out_dir>/checkpoint`` when
+    present. ``out_dir`` gets splits and checkpoints (default ``cfg.run.out_dir`` or ``runs/<name>-<id>``).
+    """
+    runtime = runtime or Runtime.detect(cfg.run.device)
+    device, world = runtime.device, runtime.world_size
+    out_dir = out_dir or default_out_dir(cfg)
+    ckpt_dir = str(checkpoint_dir(out_dir))
+    t_start = time.perf_counter()
+    parts = _build(cfg, runtime, out_dir)
+    model, method, optimizer, ts = parts.model, parts.method, parts.optimizer, parts.ts
+    progress = _restore(parts, _resume_path(resume_from, ckpt_dir))
+    next_batches = _streams(parts, progress.start)
+    total = cfg.train.iterations
+    meter, bar, log = _Meter(), _Bar(cfg, runtime, progress.start), _LogClock(cfg, "u" in method.needs)
     metrics: dict[str, Any] = {}
-    t_log, steps_since_log = time.perf_counter(), 0
     model.train()
     method.modules.train()
-    for it in range(start, total):
-        batch_x, batch_u, batch_mix = (_to(next(s), device) if s is not None else None for s in streams)
-        lr = poly_lr(cfg.optim.lr, it, total, cfg.optim.poly_power)
-        optimizer.param_groups[0]["lr"] = lr
-        optimizer.param_groups[1]["lr"] = lr * cfg.optim.head_lr_mult
+    for it in range(progress.start, total):
+        batch_x, batch_u, batch_mix = next_batches()
+        lr = _set_lr(optimizer, cfg, it)
 
         out = ts.step(batch_x, batch_u, batch_mix, iteration=it)
         losses = method.losses(out)
@@ -275,55 +365,66 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
         with torch.no_grad():
             meter.add({**{"train/" + k: v for k, v in losses.items()},
                        **_step_diagnostics(out, cfg.method.conf_thresh, batch_u), **method.diagnostics()})
-        steps_since_log += 1
-        if bar is not None:
-            bar.update(1)
-            if (it + 1) % 10 == 0:
-                bar.set_postfix(loss=f"{float(losses['loss']):.3f}", refresh=False)
+        log.steps += 1
+        bar.step(it, losses)
 
         last = it + 1 == total
         if (it + 1) % cfg.run.log_every == 0 or (it + 1) % cfg.train.eval_every == 0 or last:
-            now = time.perf_counter()
-            step_s = (now - t_log) / max(steps_since_log, 1)
             metrics = {"iteration": it + 1, "train/lr": lr, **_mean_across_ranks(meter.means(), world, device),
-                       "time/step_s": step_s,
-                       "time/images_per_s": images_per_step / step_s if step_s > 0 else 0.0,
-                       "mem/peak_mb": _peak_mem_mb(device)}
-            t_log, steps_since_log = now, 0
-
+                       **log.timing(device)}
         if (it + 1) % cfg.train.eval_every == 0 or last:
-            val = validate()
-            model.train()
-            metrics.update(val)
-            if not best or val["val/miou"] > best.get("best/val/miou", -1):
-                best = {"best/val/miou": val["val/miou"], "best/iteration": it + 1}
-            metrics.update(best)
-            metrics["time/wall_s"] = time.perf_counter() - t_start
-            history.append({k: v for k, v in metrics.items() if k not in NOT_IN_HISTORY})
-            checkpoint = None
-            if cfg.run.checkpoint:
-                rng_all = _gather_rng(device, world)
-                if runtime.is_main:
-                    checkpoint = save_checkpoint(ckpt_dir, {
-                        "trial_id": cfg.trial_id(), "config": cfg.to_dict(), "iteration": it + 1,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "teacher_student": ts.state_dict(), "method": method.modules.state_dict(),
-                        "best": best, "history": history, "rng": rng_all})
-                if world > 1:
-                    dist.barrier()
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
-                                miou=f"{val['val/miou']:.1f}")
+            metrics, checkpoint = _evaluate_and_save(parts, progress, metrics, it + 1, ckpt_dir, t_start)
+            bar.evaluated(metrics)
             if reporter is not None:  # every rank: Ray Train's report is a barrier; only rank 0 has the checkpoint
                 reporter(dict(metrics), checkpoint)
-    if bar is not None:
-        bar.close()
-    if start >= total:  # resumed from the final checkpoint (a crash after training, before results were stored)
-        metrics = {**history[-1], **validate()}
+    bar.close()
+    if progress.start >= total:  # resumed from the final checkpoint (a crash after training, before results stored)
+        metrics = {**progress.history[-1], **parts.validate()}
     metrics["time/wall_s"] = time.perf_counter() - t_start
-    metrics["resumed_from"] = start  # 0 for a fresh run; the iteration a resumed run continued from
-    metrics["history"] = history
-    return metrics
+    metrics["resumed_from"] = progress.start  # 0 for a fresh run; the iteration a resumed run continued from
+    return FitResult(metrics, progress.history)
+
+
+class _LogClock:
+    """Seconds per step and images per second since the last log line."""
+
+    def __init__(self, cfg: TrialConfig, needs_u: bool):
+        self.images_per_step = cfg.data.batch_size_x + (cfg.data.batch_size_u if needs_u else 0)
+        self.t, self.steps = time.perf_counter(), 0
+
+    def timing(self, device: torch.device) -> dict[str, float]:
+        now = time.perf_counter()
+        step_s = (now - self.t) / max(self.steps, 1)
+        self.t, self.steps = now, 0
+        return {"time/step_s": step_s, "time/images_per_s": self.images_per_step / step_s if step_s > 0 else 0.0,
+                "mem/peak_mb": _peak_mem_mb(device)}
+
+
+def _evaluate_and_save(parts: _Parts, progress: _Progress, metrics: dict[str, Any], iteration: int, ckpt_dir: str,
+                       t_start: float) -> tuple[dict[str, Any], str | None]:
+    """Validate, update best and history, write the checkpoint (rank 0; all ranks wait); returns the metrics to
+    report and the checkpoint directory (None on other ranks and with checkpointing off)."""
+    cfg, runtime = parts.cfg, parts.runtime
+    val = parts.validate()
+    parts.model.train()
+    metrics = {**metrics, **val}
+    if not progress.best or val["val/miou"] > progress.best.get("best/val/miou", -1):
+        progress.best = {"best/val/miou": val["val/miou"], "best/iteration": iteration}
+    metrics.update(progress.best)
+    metrics["time/wall_s"] = time.perf_counter() - t_start
+    progress.history.append({k: v for k, v in metrics.items() if k not in NOT_IN_HISTORY})
+    checkpoint = None
+    if cfg.run.checkpoint:
+        rng_all = _gather_rng(runtime.device, runtime.world_size)
+        if runtime.is_main:
+            checkpoint = save_checkpoint(ckpt_dir, {
+                "trial_id": cfg.trial_id(), "config": cfg.to_dict(), "iteration": iteration,
+                "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                "teacher_student": parts.ts.state_dict(), "method": parts.method.modules.state_dict(),
+                "best": progress.best, "history": progress.history, "rng": rng_all})
+        if runtime.world_size > 1:
+            dist.barrier()
+    return metrics, checkpoint
 
 
 def _mean_across_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:

@@ -427,7 +427,7 @@ def test_fit_paper_mode_with_mitrans_and_meanteacher(tmp_path):
                   "method.terms.guidedmix_mix.weight": 1.0, "train.iterations": 2, "train.eval_every": 2,
                   "run.checkpoint": False})
     out = fit(cfg, Runtime(), None, out_dir=str(tmp_path))
-    assert math.isfinite(out["history"][-1]["train/loss/guidedmix_mix"])
+    assert math.isfinite(out.history[-1]["train/loss/guidedmix_mix"])
 
 
 def test_ablation_study_baseline_is_the_code_and_every_row_builds():

@@ -166,6 +166,26 @@ def test_optuna_search_samples_the_declared_space(tmp_path):
     assert all("optim.lr" in c for c in cells)
 
 
+def test_search_trials_run_after_the_study_file_is_gone(tmp_path):
+    """The driver reads the study once; its trials carry the base dict (with --set), so no node needs the file."""
+    import ray
+
+    from sslray import ray_adapter
+
+    path = write_study(tmp_path, {"name": "gone", "base": {**TINY_BASE, "method": {"name": "supervised"}},
+                                  "search": {"sampler": "random", "num_samples": 1, "seed": 0,
+                                             "space": {"optim.lr": {"loguniform": [1.0e-3, 1.0e-1]}}},
+                                  "storage": str(tmp_path / "store")})
+    study = load_study(path, ["train.iterations=2"])
+    os.remove(path)
+    try:
+        summary = ray_adapter.run_study(study, num_cpus=1, verbose=False)
+    finally:
+        ray.shutdown()
+    df = ResultsStore(str(tmp_path / "store")).load()
+    assert summary.ok == 1 and list(df["status"]) == ["ok"] and list(df["iteration"]) == [2]
+
+
 def test_asha_search_stops_trials_and_keeps_rows(tmp_path):
     study = {"name": "asha", "base": {**TINY_BASE, "method": {"name": "supervised"},
                                       "train": {"iterations": 8, "eval_every": 1}},

@@ -223,7 +223,7 @@ def test_sslray_never_evaluates_or_unpickles_inputs():
 
 
 def test_labels_and_names_cannot_become_paths(tmp_path):
-    from sslray import ray_adapter
+    from sslray.storage import StudyStorage
     from sslray.study import load_study
 
     study = tmp_path / "study.yaml"
@@ -232,7 +232,7 @@ def test_labels_and_names_cannot_become_paths(tmp_path):
     storage = tmp_path / "store"
     for t in load_study(str(study)).trials():
         assert "/" not in t.config.name and ".." not in t.config.name.split("-")
-        d = Path(ray_adapter._trial_dir(str(storage), t.trial_id)).resolve()
+        d = StudyStorage(str(storage)).trial_dir(t.trial_id).resolve()
         assert d.parent == (storage / "trials").resolve()
 
 
@@ -259,7 +259,7 @@ def test_a_trial_whose_code_differs_from_the_driver_refuses_to_run(tmp_path):
 
     cfg = TrialConfig.from_dict({"model": {"width": 8}})
     planned = "0" * 64  # what the driver planned under its (different) code
-    spec = {"study": "s", "storage": str(tmp_path), "plugins": [], "config": cfg.to_dict(), "trial_id": planned}
+    spec = ray_adapter.TrialSpec(study="s", storage=str(tmp_path), config=cfg.to_dict(), trial_id=planned)
     with pytest.raises(RuntimeError, match=rf"^trial 000000000000 resolves to {cfg.short_id()} on this node: its "
                                            "sslray code or plugins differ from the driver's$"):
         ray_adapter.trial_driver({"sslray": spec})

@@ -94,6 +94,13 @@ def test_every_method_trains_and_reports(method, tmp_path):
     assert out["val/miou"] == last["val/miou"]
 
 
+def test_fit_returns_metrics_and_history_apart(tmp_path):
+    out, reports = run(tiny(), tmp_path)
+    assert "history" not in out.metrics and dict(out) == out.metrics  # reads as the final metrics
+    assert [h["iteration"] for h in out.history] == [m["iteration"] for m, _ in reports] == [2, 4]
+    assert out.history[-1]["val/miou"] == out["val/miou"] and "val/confusion" not in out.history[-1]
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny(**{"method.name": "unimatch", "method.conf_thresh": 0.5, "train.iterations": 6,
                   "train.eval_every": 3})
