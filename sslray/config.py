@@ -44,6 +44,9 @@ class ConfigError(ValueError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key or '<root>'}: {message}")
 
+    def __reduce__(self):  # rebuilt from its three parts after pickling (Ray and DataLoader workers send it back)
+        return (type(self), (self.source, self.key, self.message))
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from sslray.atomic import atomic_write
 
 LABELED_FILE = "labeled.txt"
 UNLABELED_FILE = "unlabeled.txt"
@@ -202,21 +203,11 @@ def split_bytes(entries: Iterable[SplitEntry]) -> bytes:
 
 
 def write_split_file(path: str | os.PathLike, entries: Iterable[SplitEntry]) -> None:
-    """Write ``entries`` atomically: a temporary file in the same directory, then ``os.replace``.
+    """Write ``entries`` atomically (:func:`sslray.atomic.atomic_write`: temp file, fsync, ``os.replace``).
 
     Readers (other trials sharing a work directory) therefore see either the old file or the complete new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(split_bytes(entries))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(split_bytes(entries)), what="split file")
 
 
 def write_partition(directory: str | os.PathLike, partition: Partition) -> dict[str, str]:
