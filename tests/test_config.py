@@ -143,3 +143,12 @@ def test_imports_go_one_way(lower, upper):
     for path in root.glob(lower):
         back = [m for m in _imported_modules(path) if m.startswith(upper)]
         assert back == [], (path.name, back)
+
+
+def test_config_error_survives_pickling():
+    """Ray and DataLoader workers send a trial's exception back pickled; it must arrive as the same one line."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ConfigError("study.yaml", "optim.lr", "expected a number")))
+    assert isinstance(e, ConfigError) and (e.source, e.key, e.message) == ("study.yaml", "optim.lr", "expected a number")
+    assert str(e) == "study.yaml: optim.lr: expected a number"
