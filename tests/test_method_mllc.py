@@ -74,8 +74,9 @@ def confident_counts(out, tau=0.95):
 
 
 def module(rounds=1, dim=2, proto=None, pair=None, unsup=None, **graph):
-    """An MLLC module whose feat_proj is the identity (on non-negative features), for hand computation."""
-    g = MLLCGraphConfig(rounds=rounds, **graph)
+    """An MLLC module whose feat_proj and class convs are the identity (on non-negative features), for hand
+    computation."""
+    g = MLLCGraphConfig(rounds=rounds, **{"class_init": "identity", **graph})
     m = MLLCModule(g, unsup, proto, pair, ModuleContext(2, feature_dims={"features": dim}, iterations=100))
     with torch.no_grad():
         for layer in (m.feat_proj[0], m.feat_proj[2]):
@@ -153,6 +154,31 @@ def test_graph_round_matches_reference_pseudo_code():
     torch.testing.assert_close(zk, ref_z)
     torch.testing.assert_close(fk, ref_f)
     assert reliable.any() and not reliable.all()
+
+
+def test_default_class_init_is_the_official_normal_001():
+    # ResNet101.__init__ re-draws every Conv2d (G2Net's class and feature convs included) from normal(0, 0.01);
+    # G2Net zeroed the biases before. So the rounds start near zero: the corrected logits are almost uniform.
+    torch.manual_seed(0)
+    c, dim = 21, 256
+    m = MLLCModule(MLLCGraphConfig(), None, None, None,
+                   ModuleContext(c, feature_dims={"features": dim}, iterations=100))
+    assert m.g.class_init == "code" and len(m.rounds) == 2
+    for rnd in m.rounds:
+        for layer, n in ((rnd.class_conv[0], c), (rnd.class_conv[1], c), (rnd.feat_conv[0], dim),
+                         (rnd.feat_conv[2], dim)):
+            w = layer.weight.detach()
+            assert w.shape == (n, n) and torch.equal(layer.bias, torch.zeros(n))
+            assert abs(w.mean().item()) < 4 * 0.01 / n  # 4 sigma of the mean of n^2 draws
+            assert w.std().item() == pytest.approx(0.01, rel=8 / math.sqrt(2 * n * n))
+    z, f = torch.randn(2, 64, c) * 5, torch.randn(2, 64, dim)
+    z1, f1, _ = m.rounds[0](z, f, m.eta(), m.g)
+    assert z1.std() < 0.01 * z.std() and f1.std() < 0.05 * f.std()  # measured: 0.0015 and 0.010
+    assert z1.softmax(-1).max() < 1.1 / c  # almost uniform: no corrected pseudo-label passes a threshold
+    # the other inits stay selectable: identity class convs, PyTorch's default
+    ident = GraphRound(c, dim, True, "identity")
+    assert torch.equal(ident.class_conv[0].weight, torch.eye(c)) and torch.equal(ident.class_conv[1].bias, torch.zeros(c))
+    assert GraphRound(c, dim, True, "default").class_conv[0].weight.std() > 0.05  # U(-1/sqrt(c), 1/sqrt(c)): 0.126
 
 
 @pytest.mark.parametrize("h, w, n, want", [(32, 32, 4096, (32, 32)), (201, 201, 4096, (64, 64)),
@@ -462,6 +488,7 @@ def test_settings_are_validated_with_their_key():
     for over, key in ((("mllc_x", "rounds", -1), "method.terms.mllc_x.rounds"),
                       (("mllc_x", "pseudo_from", "pred2"), "method.terms.mllc_x.pseudo_from"),
                       (("mllc_x", "knn", 0), "method.terms.mllc_x.knn"),
+                      (("mllc_x", "class_init", "eye"), "method.terms.mllc_x.class_init"),
                       (("mllc_u", "uniform_thresh", 1.5), "method.terms.mllc_u.uniform_thresh"),
                       (("mllc_proto", "temperature", 0.0), "method.terms.mllc_proto.temperature"),
                       (("mllc_pair", "max_nodes", 1), "method.terms.mllc_pair.max_nodes")):
@@ -524,8 +551,10 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
 def test_ablation_study_plans_every_variant():
     study = load_study(os.path.join(ROOT, "studies", "ablation_mllc.yaml"))
     assert set(study.ablation.variants) == {"K1", "K0", "-class_graph", "-dynamic_thresh", "-proto", "+pair",
-                                            "pseudo_base"}
+                                            "pseudo_base", "init_identity"}
     trials = study.trials()
-    assert len(trials) == 8 * 3 and len({t.trial_id for t in trials}) == 24
+    assert len(trials) == 9 * 3 and len({t.trial_id for t in trials}) == 27
     k0 = next(t.config for t in trials if t.variant == "K0")
     assert k0.method.terms["mllc_x"].rounds == 0 and k0.method.terms["mllc_proto"].weight == 0
+    by_variant = {t.variant: t.config.method.terms["mllc_x"].class_init for t in trials}
+    assert by_variant["mllc"] == "code" and by_variant["init_identity"] == "identity"

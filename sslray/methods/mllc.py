@@ -62,9 +62,14 @@ supervised on labeled data, so MLLC without ``mllc_x`` is refused; ``rounds: 0``
 - ``proj_dim`` (0 = the decoder feature width, 256 on DeepLabV3+ as the code's ``layer6``): ``feat_proj``, a
   1x1 conv -> ReLU -> 1x1 conv head on the pooled decoder features, stands in for the code's second ASPP head
   (no GroupNorm/BatchNorm, so the module has no batch statistics to keep in sync across ranks) [I].
-- ``class_init``: ``identity`` (default [I]) starts both C x C convs of every round at the identity, so the
-  corrected logits are sane pseudo-labels from the first step; ``default`` is PyTorch's init (the code's
-  init of these convs is not known).
+- ``class_init``: ``code`` (default [C]) is the official init: ``ResNet101.__init__`` re-draws every Conv2d of
+  the model, G2Net's included, from normal(0, 0.01) after G2Net zeroed their biases, so both C x C convs and
+  both D x D feature convs of every round start near zero. The rounds' logits then start near 0 (uniform
+  softmax): with ``pseudo_from: corrected`` no pseudo-label passes a threshold and the weight w of ``mllc_u``
+  is 0 until the rounds have learned from ``mllc_x``, an implicit warm-up. ``identity`` [I] starts both class
+  convs at the identity (feature convs PyTorch's default), so the corrected logits are the propagated model
+  logits from the first step; ``default`` is PyTorch's init for all four. ``feat_proj`` keeps PyTorch's init
+  (it replaces a GroupNorm'ed ASPP head, whose scale the norm fixes).
 - ``mllc_u.uniform_thresh`` (0.968 [C]); the denominator of w is the valid (non-padding) pixels [I].
 - ``mllc_proto.temperature`` (0.1 [C]), ``momentum`` (0.99 [C]), ``start`` (0.125: the term is 0 before
   iteration ``round(start * train.iterations)``; the code starts at 2,000 of 16,000 Cityscapes iterations).
@@ -138,10 +143,10 @@ class MLLCGraphConfig(TermConfig):
     pseudo_from: str = "corrected"
     pooled_output: str = "residual"
     proj_dim: int = 0
-    class_init: str = "identity"
+    class_init: str = "code"
 
     CHOICES: ClassVar[dict[str, tuple]] = {"pseudo_from": ("corrected", "base"), "pooled_output": ("residual", "direct"),
-                                           "class_init": ("identity", "default")}
+                                           "class_init": ("code", "identity", "default")}
 
     def problems(self) -> list[tuple[str, str]]:
         return out_of_range(self, {"rounds": (0, 16), "knn": (1, math.inf), "graph_max_nodes": (1, math.inf),
@@ -266,11 +271,16 @@ class GraphRound(nn.Module):
     def __init__(self, num_classes: int, dim: int, class_graph: bool, class_init: str):
         super().__init__()
         self.class_conv = nn.Sequential(nn.Linear(num_classes, num_classes), nn.Linear(num_classes, num_classes))
-        if class_init == "identity":
+        self.feat_conv = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if class_graph else None
+        if class_init == "code":  # ResNet101.__init__'s normal(0, 0.01) on every conv; G2Net zeroed the biases
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, 0.0, 0.01)
+                    nn.init.zeros_(layer.bias)
+        elif class_init == "identity":
             for layer in self.class_conv:
                 nn.init.eye_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        self.feat_conv = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if class_graph else None
 
     def forward(self, z: torch.Tensor, f: torch.Tensor, eta: torch.Tensor, cfg: MLLCGraphConfig
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
