@@ -98,7 +98,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -111,6 +111,10 @@ from sslray.models import upsample
 
 _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
 _BCE_CLAMP = (1e-10, 1.0 - 1e-7)  # the code clamps cos to [1e-10, 1]; 1 - 1e-7 keeps log(1 - p) finite
+SIM_BUDGET = 4096 ** 2  # similarity entries of one knn_graph chunk (64 MiB fp32): 256 images at 256 nodes, 1 at 4096
+DENSE_CHUNK = 2 ** 18  # similarity entries the dense form builds at a time (1 MiB fp32: 4 images at 256 nodes)
+DENSE_MAX_NODES = 1024  # knn_graph's dense form up to this many nodes per image (one CPU thread, k = 20: 2x faster
+# than the edge list with its backward at 256 nodes, 1.6x at 512, even at 1024; beyond, the edge list's memory wins)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,40 +215,91 @@ def kth_largest(sim: torch.Tensor, k: int) -> torch.Tensor:
     return sim.topk(k, dim=-1).values[:, -1:]
 
 
+class DenseGraph(NamedTuple):
+    """A_hat = diag(d_inv) adj^T diag(d_inv) for a batch of images: adj [B, N, N] = A + A^T, d_inv [B, N]."""
+
+    adj: torch.Tensor
+    d_inv: torch.Tensor
+
+
+class EdgeGraph(NamedTuple):
+    """A_hat as the edges of A over the batch (node b * N + i): rows, cols [E] long, w [E] normalised weights."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    w: torch.Tensor
+
+
 @torch.no_grad()
-def knn_graph(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The normalised symmetric kNN affinity D^-1/2 (A + A^T) D^-1/2 of features f [B, N, D], as an edge list.
+def knn_graph(f: torch.Tensor, k: int, chunk: int | None = None, dense: bool | None = None
+              ) -> DenseGraph | EdgeGraph:
+    """The normalised symmetric kNN affinity A_hat = D^-1/2 (A + A^T) D^-1/2 of features f [B, N, D], per image.
 
     Per image, A keeps the entries of ``max(0, cos(f_i, f_j))`` that are >= the (k+1)-th largest of their row
-    (self included; ties kept, as in the code). Nodes are numbered over the batch (image b's node i is
-    b * N + i); returns ``rows``, ``cols`` [E] long and ``w`` [E], the normalised weight of edge (row, col) of
-    A; the same weight belongs to its transpose (col, row). Only one N x N similarity exists at a time.
+    (self included; ties kept, as in the code); D holds the row sums of A + A^T. Images are independent and
+    are computed together:
+
+    - dense (default when N <= ``DENSE_MAX_NODES`` and B N^2 <= ``SIM_BUDGET``): one batched similarity, one
+      row selection over all B N rows, and A + A^T = cos * (M + M^T) for the kept-entry mask M (the cosine is
+      symmetric), kept unnormalised with the degrees apart (:class:`DenseGraph`), so the N x N work is five
+      passes and propagation one ``bmm`` each way.
+    - else an edge list (:class:`EdgeGraph`, about (k + 1) N edges per image). Images are processed ``chunk``
+      at a time (default: as many as fit ``SIM_BUDGET`` similarity entries, at least one), each chunk with
+      one batched similarity, one row selection and one ``nonzero``, so at most max(SIM_BUDGET, N^2)
+      similarity entries exist at a time; ``chunk=1`` is the per-image computation.
+
+    Both forms are the same matrix (to float rounding of the cosines and degree sums).
     """
     b, n, _ = f.shape
     fn = F.normalize(f, dim=-1)
-    rows, cols, vals = [], [], []
+    kk = min(k + 1, n)
     tiny = torch.finfo(fn.dtype).tiny  # a threshold <= 0 keeps the positive entries only: max(0, cos)
-    for i, x in enumerate(fn):
-        sim = x @ x.T  # [N, N]
-        keep = sim >= kth_largest(sim, min(k + 1, n)).clamp_min(tiny)
-        flat = keep.view(-1).nonzero().squeeze(1)
-        rows.append(flat // n + i * n)
-        cols.append(flat % n + i * n)
+    if dense if dense is not None else n <= DENSE_MAX_NODES and b * n * n <= SIM_BUDGET:
+        adj = fn.new_empty(b, n, n)
+        step = max(1, chunk or DENSE_CHUNK // (n * n))  # a few images at a time, so that their N x N stay in cache
+        for start in range(0, b, step):
+            x = fn[start:start + step]
+            sim = torch.bmm(x, x.transpose(1, 2), out=adj[start:start + step])  # [c, N, N]
+            kth = kth_largest(sim.view(-1, n), kk).clamp_min(tiny).view(-1, n, 1)
+            keep = (sim >= kth).view(torch.uint8)  # M
+            torch.mul(sim, keep + keep.transpose(1, 2), out=sim)  # (A + A^T)_ij = cos_ij (M_ij + M_ji)
+        # propagate() multiplies by adj^T (the fast bmm side), whose row sums are adj's column sums
+        return DenseGraph(adj, adj.sum(1).clamp_min(_EPS_DEG).rsqrt())
+    chunk = max(1, chunk or SIM_BUDGET // (n * n))
+    rows, cols, vals = [], [], []
+    for start in range(0, b, chunk):
+        x = fn[start:start + chunk]
+        sim = torch.bmm(x, x.transpose(1, 2))  # [c, N, N]
+        kth = kth_largest(sim.view(-1, n), kk).clamp_min(tiny)  # [c * N, 1]
+        flat = (sim.view(-1, n) >= kth).view(-1).nonzero().squeeze(1)  # over (image, row, col) of the chunk
+        node = flat // n  # row node within the chunk
+        rows.append(node + start * n)
+        cols.append(flat % n + (node // n + start) * n)
         vals.append(sim.view(-1).index_select(0, flat))
     rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
     deg = torch.zeros(b * n, dtype=vals.dtype, device=vals.device).index_add_(0, rows, vals).index_add_(0, cols, vals)
     d_inv = deg.clamp_min(_EPS_DEG).rsqrt()  # row sums of A + A^T
-    return rows, cols, vals * d_inv.index_select(0, rows) * d_inv.index_select(0, cols)
+    return EdgeGraph(rows, cols, vals * d_inv.index_select(0, rows) * d_inv.index_select(0, cols))
 
 
-def propagate(z: torch.Tensor, graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``A_hat z`` for the edge list of :func:`knn_graph`: z [B, N, C] -> [B, N, C] (differentiable in z)."""
+def propagate(z: torch.Tensor, graph: DenseGraph | EdgeGraph) -> torch.Tensor:
+    """``A_hat z`` for a graph of :func:`knn_graph`: z [B, N, C] -> [B, N, C] (differentiable in z)."""
+    if isinstance(graph, DenseGraph):
+        d = graph.d_inv.unsqueeze(-1)
+        # (z^T adj)^T = adj^T z: a [C, N] x [N, N] product, ~4x faster on CPU than [N, N] x [N, C] at C << N
+        return torch.bmm((z * d).transpose(1, 2), graph.adj).transpose(1, 2) * d
     rows, cols, w = graph
     b, n, c = z.shape
     flat = z.reshape(b * n, c)
     w = w.unsqueeze(1)
     out = torch.zeros_like(flat).index_add(0, rows, w * flat.index_select(0, cols))  # A: row i gathers its columns
     return out.index_add(0, cols, w * flat.index_select(0, rows)).view(b, n, c)  # A^T: and the rows that kept it
+
+
+def class_softmax(z: torch.Tensor) -> torch.Tensor:
+    """softmax over the classes of node logits z [B, N, C], taken along a strided dim (8x faster on CPU than
+    along a last dim of a few classes, same values)."""
+    return z.transpose(1, 2).softmax(1).transpose(1, 2)
 
 
 def class_propagate(z_out: torch.Tensor, cls: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -256,7 +311,8 @@ def class_propagate(z_out: torch.Tensor, cls: torch.Tensor, f: torch.Tensor) -> 
     """
     with torch.no_grad():
         c = z_out.shape[-1]
-        q = F.normalize(z_out.softmax(-1), dim=-1)  # [B, N, C]
+        p = z_out.transpose(1, 2).softmax(1)  # [B, C, N]: reductions over a strided class dim (see class_softmax)
+        q = (p / p.square().sum(1, keepdim=True).sqrt().clamp_min(1e-12)).transpose(1, 2)  # F.normalize, [B, N, C]
         onehot = F.one_hot(cls, c).to(q.dtype)  # [B, N, C]
         per_class = torch.bmm(onehot.transpose(1, 2), q)  # [B, C, C]: sum of q over the nodes of each class
         d_inv = (q * torch.bmm(onehot, per_class)).sum(-1).clamp_min(_EPS_DEG).rsqrt()  # [B, N]
@@ -286,7 +342,7 @@ class GraphRound(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [B, N, C], f [B, N, D], eta [C] -> (Z_k [B, N, C], F_k [B, N, D], reliable [B, N] bool)."""
         with torch.no_grad():
-            conf, cls = z.softmax(-1).max(-1)
+            conf, cls = class_softmax(z).max(-1)
             reliable = (conf >= cfg.base_tau) | (conf >= eta[cls])
             graph = knn_graph(f, cfg.knn)
             share = torch.where(reliable, cfg.prop_reliable, cfg.prop_unreliable).unsqueeze(-1)  # of Z'
@@ -376,24 +432,40 @@ class MLLCModule(MethodModule):
 
     def run(self, d: dict[str, torch.Tensor]) -> Levels:
         """feat_proj and the K rounds on a model dict's ``logits_low`` [B, C, h, w] and ``features`` [B, D0, h, w]."""
-        z0, f0 = d["logits_low"], d["features"]
+        return self.run_views([d])[0]
+
+    def run_views(self, dicts: list[dict[str, torch.Tensor]]) -> list[Levels]:
+        """:meth:`run` on several model dicts of one decoder size at once: their images form one batch of rounds.
+
+        Every piece of a round is per image (the pooling, feat_proj, both graphs, the class and feature convs;
+        eta is this step's), so this is the per-dict computation, with one kNN graph build and one set of
+        round ops for all of them instead of one per dict.
+        """
+        sizes = [d["logits_low"].shape[0] for d in dicts]
+        ends = np.cumsum(sizes).tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        z0 = torch.cat([d["logits_low"] for d in dicts]) if len(dicts) > 1 else dicts[0]["logits_low"]
+        f0 = torch.cat([d["features"] for d in dicts]) if len(dicts) > 1 else dicts[0]["features"]
         with torch.autocast(z0.device.type, enabled=False):
             z0, f0 = z0.float(), f0.float()
             h, w = z0.shape[-2:]
             size = graph_grid(h, w, self.g.graph_max_nodes)
             if size != (h, w):
                 z0, f0 = F.adaptive_avg_pool2d(z0, size), F.adaptive_avg_pool2d(f0, size)
-            z = z0.flatten(2).transpose(1, 2)  # [B, N, C]
+            base = z = z0.flatten(2).transpose(1, 2)  # [B, N, C]
             f = self.feat_proj(f0.flatten(2).transpose(1, 2))  # [B, N, D]
             self._nodes = max(self._nodes, size[0] * size[1])
             eta = self.eta()
-            lv = Levels((h, w), size, d["logits"], z, [], [f])
+            zs, fs = [], [f]
             for rnd in self.rounds:
                 z, f, reliable = rnd(z, f, eta, self.g)
-                lv.logits.append(z)
-                lv.feats.append(f)
-                self._reliable.append(reliable.float().mean().detach())
-        return lv
+                zs.append(z)
+                fs.append(f)
+                self._reliable.extend(reliable[i:j].float().mean().detach() for i, j in spans)
+        if len(dicts) == 1:
+            return [Levels((h, w), size, dicts[0]["logits"], base, zs, fs)]
+        return [Levels((h, w), size, d["logits"], base[i:j], [t[i:j] for t in zs], [t[i:j] for t in fs])
+                for d, (i, j) in zip(dicts, spans)]
 
     def to_full(self, z: torch.Tensor, lv: Levels) -> torch.Tensor:
         """Node logits [B, N, C] on the graph grid -> [B, C, H, W] at the view's full resolution (bilinear).
@@ -420,13 +492,33 @@ class MLLCModule(MethodModule):
         return labels[:, rows][:, :, cols].flatten(1)
 
     def student(self, out, view: str) -> Levels | None:
-        """The student's levels on one view of this step (computed once, with gradient); None if not computed."""
+        """The student's levels on one view of this step (computed once, with gradient); None if not computed.
+
+        The first request of a step also runs the other student views this step's terms will ask for (``x``,
+        and ``s1`` for ``mllc_u``/``mllc_pair``/an active ``mllc_proto``) when they have the same decoder
+        size: one batch of rounds for all of them (:meth:`run_views`).
+        """
         if self._step_out is not out:
             self._step_out, self._student = out, {}
         if view not in self._student:
             d = out.part(view)
-            self._student[view] = None if d is None else self.run(d)
+            if d is None:
+                self._student[view] = None
+                return None
+            batch = {view: d}
+            for other in self._student_views(out):
+                if other in self._student or other in batch:
+                    continue
+                e = out.part(other)
+                if e is not None and all(e[k].shape[1:] == d[k].shape[1:] for k in ("logits_low", "features")):
+                    batch[other] = e
+            self._student.update(zip(batch, self.run_views(list(batch.values()))))
         return self._student[view]
+
+    def _student_views(self, out) -> list[str]:
+        """The student views this step's terms use: ``x`` always, ``s1`` for the unlabeled terms."""
+        proto = self.proto is not None and out.iteration >= self.proto_start
+        return ["x", "s1"] if self.unsup is not None or self.pair is not None or proto else ["x"]
 
     def teacher(self, d: dict[str, torch.Tensor]) -> Levels:
         """The rounds on a teacher model dict, without gradient (cached for the step)."""
