@@ -266,6 +266,16 @@ def test_views_batched_equal_per_view_and_per_image(form, monkeypatch):
         torch.testing.assert_close(gb, gl, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, size", [((2, 3, 32, 32), (16, 16)), ((1, 2, 201, 201), (64, 64)),
+                                         ((2, 5, 45, 91), (20, 41)), ((1, 2, 7, 9), (7, 9))])
+def test_grid_pool_is_adaptive_avg_pool(shape, size):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    got, want = mllc.grid_pool(x, size), F.adaptive_avg_pool2d(x, size)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
 @pytest.mark.parametrize("h, w, n, want", [(32, 32, 4096, (32, 32)), (201, 201, 4096, (64, 64)),
                                            (64, 128, 4096, (45, 91)), (1, 5000, 4096, (1, 4096))])
 def test_graph_grid(h, w, n, want):

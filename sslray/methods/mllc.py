@@ -95,6 +95,7 @@ over ranks, so every rank holds the same state.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -202,6 +203,28 @@ def graph_grid(h: int, w: int, max_nodes: int) -> tuple[int, int]:
     return hg, min(w, max(1, max_nodes // hg))
 
 
+@functools.lru_cache(maxsize=64)
+def pool_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n_out, n_in]: row i averages ``adaptive_avg_pool``'s window floor(i n / m) .. ceil((i + 1) n / m)."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m.to(device=device, dtype=dtype)
+
+
+def grid_pool(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` (x [B, K, h, w]; x itself when it already has that size) as two
+    matmuls with the separable window-averaging matrices: the same windows and weights, to float rounding, and on
+    CPU 2.5x faster forward and backward than the pooling kernel."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    rows = pool_matrix(h, size[0], x.device, x.dtype)
+    cols = pool_matrix(w, size[1], x.device, x.dtype)
+    return torch.matmul(rows, torch.matmul(x, cols.T))
+
+
 def kth_largest(sim: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of every row of sim [N, M] -> [N, 1].
 
@@ -228,6 +251,17 @@ class EdgeGraph(NamedTuple):
     rows: torch.Tensor
     cols: torch.Tensor
     w: torch.Tensor
+
+
+def symmetric_knn_(sim: torch.Tensor, kth: torch.Tensor) -> None:
+    """sim [c, N, N] <- A + A^T in place: (A + A^T)_ij = cos_ij (M_ij + M_ji), M = sim >= kth [c, N, 1]."""
+    if sim.device.type == "cpu":  # numpy's uint8 transpose-add and mixed-type multiply: ~4x faster than torch's
+        x = sim.numpy()
+        keep = (x >= kth.numpy()).view(np.uint8)
+        np.multiply(x, keep + keep.transpose(0, 2, 1), out=x)
+    else:
+        keep = (sim >= kth).view(torch.uint8)
+        torch.mul(sim, keep + keep.transpose(1, 2), out=sim)
 
 
 @torch.no_grad()
@@ -260,9 +294,7 @@ def knn_graph(f: torch.Tensor, k: int, chunk: int | None = None, dense: bool | N
         for start in range(0, b, step):
             x = fn[start:start + step]
             sim = torch.bmm(x, x.transpose(1, 2), out=adj[start:start + step])  # [c, N, N]
-            kth = kth_largest(sim.view(-1, n), kk).clamp_min(tiny).view(-1, n, 1)
-            keep = (sim >= kth).view(torch.uint8)  # M
-            torch.mul(sim, keep + keep.transpose(1, 2), out=sim)  # (A + A^T)_ij = cos_ij (M_ij + M_ji)
+            symmetric_knn_(sim, kth_largest(sim.view(-1, n), kk).clamp_min(tiny).view(-1, n, 1))
         # propagate() multiplies by adj^T (the fast bmm side), whose row sums are adj's column sums
         return DenseGraph(adj, adj.sum(1).clamp_min(_EPS_DEG).rsqrt())
     chunk = max(1, chunk or SIM_BUDGET // (n * n))
@@ -442,18 +474,17 @@ class MLLCModule(MethodModule):
         round ops for all of them instead of one per dict.
         """
         sizes = [d["logits_low"].shape[0] for d in dicts]
-        ends = np.cumsum(sizes).tolist()
-        spans = list(zip([0] + ends[:-1], ends))
-        z0 = torch.cat([d["logits_low"] for d in dicts]) if len(dicts) > 1 else dicts[0]["logits_low"]
-        f0 = torch.cat([d["features"] for d in dicts]) if len(dicts) > 1 else dicts[0]["features"]
-        with torch.autocast(z0.device.type, enabled=False):
-            z0, f0 = z0.float(), f0.float()
-            h, w = z0.shape[-2:]
+        dev = dicts[0]["logits_low"].device
+        with torch.autocast(dev.type, enabled=False):
+            h, w = dicts[0]["logits_low"].shape[-2:]
             size = graph_grid(h, w, self.g.graph_max_nodes)
-            if size != (h, w):
-                z0, f0 = F.adaptive_avg_pool2d(z0, size), F.adaptive_avg_pool2d(f0, size)
-            base = z = z0.flatten(2).transpose(1, 2)  # [B, N, C]
-            f = self.feat_proj(f0.flatten(2).transpose(1, 2))  # [B, N, D]
+
+            def nodes(key: str) -> torch.Tensor:  # the views' maps on the graph grid, one batch [B, K, N]
+                maps = [grid_pool(d[key].float(), size) for d in dicts]
+                return (torch.cat(maps) if len(maps) > 1 else maps[0]).flatten(2)
+
+            base = z = nodes("logits_low").transpose(1, 2)  # [B, N, C]
+            f = self.feat_proj(nodes("features").transpose(1, 2))  # [B, N, D]
             self._nodes = max(self._nodes, size[0] * size[1])
             eta = self.eta()
             zs, fs = [], [f]
@@ -461,11 +492,13 @@ class MLLCModule(MethodModule):
                 z, f, reliable = rnd(z, f, eta, self.g)
                 zs.append(z)
                 fs.append(f)
-                self._reliable.extend(reliable[i:j].float().mean().detach() for i, j in spans)
+                self._reliable.extend(r.float().mean().detach() for r in reliable.split(sizes))
         if len(dicts) == 1:
             return [Levels((h, w), size, dicts[0]["logits"], base, zs, fs)]
-        return [Levels((h, w), size, d["logits"], base[i:j], [t[i:j] for t in zs], [t[i:j] for t in fs])
-                for d, (i, j) in zip(dicts, spans)]
+        parts = [t.split(sizes) for t in [base] + zs + fs]  # (split: one backward for all of a tensor's views)
+        k = len(zs)
+        return [Levels((h, w), size, d["logits"], p[0], list(p[1:k + 1]), list(p[k + 1:]))
+                for d, p in zip(dicts, zip(*parts))]
 
     def to_full(self, z: torch.Tensor, lv: Levels) -> torch.Tensor:
         """Node logits [B, N, C] on the graph grid -> [B, C, H, W] at the view's full resolution (bilinear).
