@@ -138,6 +138,19 @@ def test_knn_graph_matches_dense_form_with_ties_and_negative_cosines(dense):
     torch.testing.assert_close(propagate(z, graph), (a * d[..., :, None] * d[..., None, :]) @ z)
 
 
+def test_symmetric_knn_torch_form_equals_numpy_form():
+    # the torch form runs on GPUs; both are A + A^T of the kept entries
+    torch.manual_seed(6)
+    fn = F.normalize(torch.randn(3, 30, 4), dim=-1)
+    sim = fn @ fn.transpose(1, 2)
+    kth = sim.topk(6, dim=-1).values[..., -1:]
+    a = torch.where(sim >= kth, sim, torch.zeros_like(sim))
+    for use_numpy in (True, False):
+        got = sim.clone()
+        mllc.symmetric_knn_(got, kth, use_numpy=use_numpy)
+        torch.testing.assert_close(got, a + a.transpose(1, 2))
+
+
 def test_knn_graph_batched_equals_per_image():
     # every form and chunking of the batch is the per-image computation (a chunk of one image, edge list)
     torch.manual_seed(3)
@@ -247,7 +260,7 @@ def test_views_batched_equal_per_view_and_per_image(form, monkeypatch):
     assert lx.base.shape[0] == 3 and ls.base.shape[0] == 4  # both views came from one run_views call:
     assert lx.logits[0]._base is ls.logits[0]._base is not None  # slices of one batch of rounds
 
-    monkeypatch.setattr(mllc, "DENSE_CHUNK" if form == "dense" else "SIM_BUDGET", 1)  # one image per chunk
+    monkeypatch.setattr(mllc, "CHUNK", 1)  # one image per chunk
     monkeypatch.setattr(MLLCModule, "_student_views", lambda self, out: [])  # one view per run
     torch.manual_seed(5)
     looped = make_method(**terms)
@@ -646,9 +659,9 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
 def test_ablation_study_plans_every_variant():
     study = load_study(os.path.join(ROOT, "studies", "ablation_mllc.yaml"))
     assert set(study.ablation.variants) == {"K1", "K0", "-class_graph", "-dynamic_thresh", "-proto", "+pair",
-                                            "pseudo_base", "init_identity"}
+                                            "pseudo_base", "init_identity", "div2"}
     trials = study.trials()
-    assert len(trials) == 9 * 3 and len({t.trial_id for t in trials}) == 27
+    assert len(trials) == 10 * 3 and len({t.trial_id for t in trials}) == 30
     k0 = next(t.config for t in trials if t.variant == "K0")
     assert k0.method.terms["mllc_x"].rounds == 0 and k0.method.terms["mllc_proto"].weight == 0
     by_variant = {t.variant: t.config.method.terms["mllc_x"].class_init for t in trials}

@@ -17,11 +17,19 @@ One graph round k (``GraphRound``), per image, on N = hg * wg nodes, input logit
     B_ij = cos(softmax(Z_k)_i, softmax(Z_k)_j) * [c_i = c_j]; B_hat = D^-1/2 B D^-1/2   (CLG, no grad)
     F_k = Linear(D, D)(ReLU(Linear(D, D)(B_hat F)))                    gradient flows through F
 
-Two exact reformulations keep it cheap [I]: the SLG is built one image at a time (one N x N similarity in
-memory; its per-row (k+1)-th largest value from ``np.partition`` on CPU, ``topk`` elsewhere) and kept as an
-edge list (about (k + 1) N edges per image, ties at the threshold kept as in the code) that propagates with
-index_add; the CLG is low rank (``B = sum_c (onehot_c * q)(onehot_c * q)^T``), so ``B_hat F`` costs
-O(N C^2 D) and never forms an N x N matrix. Both are checked against the dense §8.2 form in the tests.
+Exact reformulations keep it cheap [I]. Every piece of a round is per image, so the images of a view, and the
+student's views ``x`` and ``s1`` together, run as one batch of rounds (the teacher's two views cannot join: the
+step refines the mix partner before the weak view exists). The SLG's per-row (k+1)-th largest similarity comes
+from ``np.partition`` on CPU, ``topk`` elsewhere, ties at the threshold kept as in the code. Up to
+``DENSE_MAX_NODES`` (512) nodes it is kept dense, A + A^T = cos * (M + M^T) for the kept-entry mask M, with the
+degrees apart; propagation is one ``bmm`` each way. Beyond, an edge list (about (k + 1) N edges per image)
+propagates with index_add. Either is built a few images at a time (``CHUNK`` similarity entries, one image from
+512 nodes on), so the N x N blocks stay in cache and one N x N similarity is the largest tensor at large N. The CLG is low rank (``B = sum_c (onehot_c * q)(onehot_c * q)^T``), so ``B_hat F``
+costs O(N C^2 D) and never forms an N x N matrix. Pooling to the graph grid is ``adaptive_avg_pool2d`` written
+as two matmuls. All are checked against the dense §8.2 form, and batched against one image / one view at a time,
+in the tests. Cost on one CPU thread, small model, 64 px, 8 + 8 images, 16 x 16 nodes (the studies' setting):
+see ``benchmarks/results/loss_cost_cpu_small_mllc256.json``; about a third of the extra time is the kNN
+selection itself (8 graphs per step: labeled, strong, teacher weak, mix partner, 2 rounds each).
 
 Terms (family ``mllc``; a weight of 0 switches a component off):
 
@@ -112,10 +120,11 @@ from sslray.models import upsample
 
 _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
 _BCE_CLAMP = (1e-10, 1.0 - 1e-7)  # the code clamps cos to [1e-10, 1]; 1 - 1e-7 keeps log(1 - p) finite
-SIM_BUDGET = 4096 ** 2  # similarity entries of one knn_graph chunk (64 MiB fp32): 256 images at 256 nodes, 1 at 4096
-DENSE_CHUNK = 2 ** 18  # similarity entries the dense form builds at a time (1 MiB fp32: 4 images at 256 nodes)
-DENSE_MAX_NODES = 1024  # knn_graph's dense form up to this many nodes per image (one CPU thread, k = 20: 2x faster
-# than the edge list with its backward at 256 nodes, 1.6x at 512, even at 1024; beyond, the edge list's memory wins)
+CHUNK = 2 ** 18  # similarity entries knn_graph builds at a time (1 MiB fp32, about L2: 4 images at 256 nodes, 1 at
+# 512 and beyond; larger chunks of N >= 512 leave the cache and are slower than one image at a time)
+DENSE_MAX_NODES = 512  # knn_graph's dense form up to this many nodes per image (one CPU thread, k = 20: 2x faster than
+# the edge list with its backward at 256 nodes, 1.6x at 512; the step on the full 32 x 32 map, 1024, is slower dense)
+DENSE_BUDGET = 2 ** 24  # and while the batch's dense A_hat, kept for the backward, has at most this many entries
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,9 +262,10 @@ class EdgeGraph(NamedTuple):
     w: torch.Tensor
 
 
-def symmetric_knn_(sim: torch.Tensor, kth: torch.Tensor) -> None:
+def symmetric_knn_(sim: torch.Tensor, kth: torch.Tensor, use_numpy: bool | None = None) -> None:
     """sim [c, N, N] <- A + A^T in place: (A + A^T)_ij = cos_ij (M_ij + M_ji), M = sim >= kth [c, N, 1]."""
-    if sim.device.type == "cpu":  # numpy's uint8 transpose-add and mixed-type multiply: ~4x faster than torch's
+    if sim.device.type == "cpu" if use_numpy is None else use_numpy:  # numpy's uint8 transpose-add and
+        # mixed-type multiply are ~4x faster on CPU than torch's
         x = sim.numpy()
         keep = (x >= kth.numpy()).view(np.uint8)
         np.multiply(x, keep + keep.transpose(0, 2, 1), out=x)
@@ -273,14 +283,15 @@ def knn_graph(f: torch.Tensor, k: int, chunk: int | None = None, dense: bool | N
     (self included; ties kept, as in the code); D holds the row sums of A + A^T. Images are independent and
     are computed together:
 
-    - dense (default when N <= ``DENSE_MAX_NODES`` and B N^2 <= ``SIM_BUDGET``): one batched similarity, one
-      row selection over all B N rows, and A + A^T = cos * (M + M^T) for the kept-entry mask M (the cosine is
-      symmetric), kept unnormalised with the degrees apart (:class:`DenseGraph`), so the N x N work is five
-      passes and propagation one ``bmm`` each way.
-    - else an edge list (:class:`EdgeGraph`, about (k + 1) N edges per image). Images are processed ``chunk``
-      at a time (default: as many as fit ``SIM_BUDGET`` similarity entries, at least one), each chunk with
-      one batched similarity, one row selection and one ``nonzero``, so at most max(SIM_BUDGET, N^2)
-      similarity entries exist at a time; ``chunk=1`` is the per-image computation.
+    - dense (default when N <= ``DENSE_MAX_NODES`` and B N^2 <= ``DENSE_BUDGET``): one row selection over each
+      chunk's rows, and A + A^T = cos * (M + M^T) for the kept-entry mask M (the cosine is symmetric), kept
+      unnormalised with the degrees apart (:class:`DenseGraph`), so the N x N work is four passes and
+      propagation one ``bmm`` each way.
+    - else an edge list (:class:`EdgeGraph`, about (k + 1) N edges per image), one ``nonzero`` per chunk.
+
+    Images are processed ``chunk`` at a time (default: as many as fit ``CHUNK`` similarity entries, at least
+    one), each chunk with one batched similarity, so at most max(CHUNK, N^2) similarity entries exist at a
+    time besides a dense result; ``chunk=1`` is the per-image computation.
 
     Both forms are the same matrix (to float rounding of the cosines and degree sums).
     """
@@ -288,19 +299,18 @@ def knn_graph(f: torch.Tensor, k: int, chunk: int | None = None, dense: bool | N
     fn = F.normalize(f, dim=-1)
     kk = min(k + 1, n)
     tiny = torch.finfo(fn.dtype).tiny  # a threshold <= 0 keeps the positive entries only: max(0, cos)
-    if dense if dense is not None else n <= DENSE_MAX_NODES and b * n * n <= SIM_BUDGET:
+    step = max(1, chunk or CHUNK // (n * n))  # a few images at a time, so that their N x N stay in cache
+    if dense if dense is not None else n <= DENSE_MAX_NODES and b * n * n <= DENSE_BUDGET:
         adj = fn.new_empty(b, n, n)
-        step = max(1, chunk or DENSE_CHUNK // (n * n))  # a few images at a time, so that their N x N stay in cache
         for start in range(0, b, step):
             x = fn[start:start + step]
             sim = torch.bmm(x, x.transpose(1, 2), out=adj[start:start + step])  # [c, N, N]
             symmetric_knn_(sim, kth_largest(sim.view(-1, n), kk).clamp_min(tiny).view(-1, n, 1))
         # propagate() multiplies by adj^T (the fast bmm side), whose row sums are adj's column sums
         return DenseGraph(adj, adj.sum(1).clamp_min(_EPS_DEG).rsqrt())
-    chunk = max(1, chunk or SIM_BUDGET // (n * n))
     rows, cols, vals = [], [], []
-    for start in range(0, b, chunk):
-        x = fn[start:start + chunk]
+    for start in range(0, b, step):
+        x = fn[start:start + step]
         sim = torch.bmm(x, x.transpose(1, 2))  # [c, N, N]
         kth = kth_largest(sim.view(-1, n), kk).clamp_min(tiny)  # [c * N, 1]
         flat = (sim.view(-1, n) >= kth).view(-1).nonzero().squeeze(1)  # over (image, row, col) of the chunk
