@@ -17,11 +17,19 @@ One graph round k (``GraphRound``), per image, on N = hg * wg nodes, input logit
     B_ij = cos(softmax(Z_k)_i, softmax(Z_k)_j) * [c_i = c_j]; B_hat = D^-1/2 B D^-1/2   (CLG, no grad)
     F_k = Linear(D, D)(ReLU(Linear(D, D)(B_hat F)))                    gradient flows through F
 
-Two exact reformulations keep it cheap [I]: the SLG is built one image at a time (one N x N similarity in
-memory; its per-row (k+1)-th largest value from ``np.partition`` on CPU, ``topk`` elsewhere) and kept as an
-edge list (about (k + 1) N edges per image, ties at the threshold kept as in the code) that propagates with
-index_add; the CLG is low rank (``B = sum_c (onehot_c * q)(onehot_c * q)^T``), so ``B_hat F`` costs
-O(N C^2 D) and never forms an N x N matrix. Both are checked against the dense §8.2 form in the tests.
+Exact reformulations keep it cheap [I]. Every piece of a round is per image, so the images of a view, and the
+student's views ``x`` and ``s1`` together, run as one batch of rounds (the teacher's two views cannot join: the
+step refines the mix partner before the weak view exists). The SLG's per-row (k+1)-th largest similarity comes
+from ``np.partition`` on CPU, ``topk`` elsewhere, ties at the threshold kept as in the code. Up to
+``DENSE_MAX_NODES`` (512) nodes it is kept dense, A + A^T = cos * (M + M^T) for the kept-entry mask M, with the
+degrees apart; propagation is one ``bmm`` each way. Beyond, an edge list (about (k + 1) N edges per image)
+propagates with index_add. Either is built a few images at a time (``CHUNK`` similarity entries, one image from
+512 nodes on), so the N x N blocks stay in cache and one N x N similarity is the largest tensor at large N. The CLG is low rank (``B = sum_c (onehot_c * q)(onehot_c * q)^T``), so ``B_hat F``
+costs O(N C^2 D) and never forms an N x N matrix. Pooling to the graph grid is ``adaptive_avg_pool2d`` written
+as two matmuls. All are checked against the dense §8.2 form, and batched against one image / one view at a time,
+in the tests. Cost on one CPU thread, small model, 64 px, 8 + 8 images, 16 x 16 nodes (the studies' setting):
+see ``benchmarks/results/loss_cost_cpu_small_mllc256.json``; about a third of the extra time is the kNN
+selection itself (8 graphs per step: labeled, strong, teacher weak, mix partner, 2 rounds each).
 
 Terms (family ``mllc``; a weight of 0 switches a component off):
 
@@ -62,9 +70,14 @@ supervised on labeled data, so MLLC without ``mllc_x`` is refused; ``rounds: 0``
 - ``proj_dim`` (0 = the decoder feature width, 256 on DeepLabV3+ as the code's ``layer6``): ``feat_proj``, a
   1x1 conv -> ReLU -> 1x1 conv head on the pooled decoder features, stands in for the code's second ASPP head
   (no GroupNorm/BatchNorm, so the module has no batch statistics to keep in sync across ranks) [I].
-- ``class_init``: ``identity`` (default [I]) starts both C x C convs of every round at the identity, so the
-  corrected logits are sane pseudo-labels from the first step; ``default`` is PyTorch's init (the code's
-  init of these convs is not known).
+- ``class_init``: ``code`` (default [C]) is the official init: ``ResNet101.__init__`` re-draws every Conv2d of
+  the model, G2Net's included, from normal(0, 0.01) after G2Net zeroed their biases, so both C x C convs and
+  both D x D feature convs of every round start near zero. The rounds' logits then start near 0 (uniform
+  softmax): with ``pseudo_from: corrected`` no pseudo-label passes a threshold and the weight w of ``mllc_u``
+  is 0 until the rounds have learned from ``mllc_x``, an implicit warm-up. ``identity`` [I] starts both class
+  convs at the identity (feature convs PyTorch's default), so the corrected logits are the propagated model
+  logits from the first step; ``default`` is PyTorch's init for all four. ``feat_proj`` keeps PyTorch's init
+  (it replaces a GroupNorm'ed ASPP head, whose scale the norm fixes).
 - ``mllc_u.uniform_thresh`` (0.968 [C]); the denominator of w is the valid (non-padding) pixels [I].
 - ``mllc_proto.temperature`` (0.1 [C]), ``momentum`` (0.99 [C]), ``start`` (0.125: the term is 0 before
   iteration ``round(start * train.iterations)``; the code starts at 2,000 of 16,000 Cityscapes iterations).
@@ -90,10 +103,11 @@ over ranks, so every rank holds the same state.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -106,6 +120,11 @@ from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, Term
 
 _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
 _BCE_CLAMP = (1e-10, 1.0 - 1e-7)  # the code clamps cos to [1e-10, 1]; 1 - 1e-7 keeps log(1 - p) finite
+CHUNK = 2 ** 18  # similarity entries knn_graph builds at a time (1 MiB fp32, about L2: 4 images at 256 nodes, 1 at
+# 512 and beyond; larger chunks of N >= 512 leave the cache and are slower than one image at a time)
+DENSE_MAX_NODES = 512  # knn_graph's dense form up to this many nodes per image (one CPU thread, k = 20: 2x faster than
+# the edge list with its backward at 256 nodes, 1.6x at 512; the step on the full 32 x 32 map, 1024, is slower dense)
+DENSE_BUDGET = 2 ** 24  # and while the batch's dense A_hat, kept for the backward, has at most this many entries
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,10 +157,10 @@ class MLLCGraphConfig(TermConfig):
     pseudo_from: str = "corrected"
     pooled_output: str = "residual"
     proj_dim: int = 0
-    class_init: str = "identity"
+    class_init: str = "code"
 
     CHOICES: ClassVar[dict[str, tuple]] = {"pseudo_from": ("corrected", "base"), "pooled_output": ("residual", "direct"),
-                                           "class_init": ("identity", "default")}
+                                           "class_init": ("code", "identity", "default")}
 
     def problems(self) -> list[tuple[str, str]]:
         return out_of_range(self, {"rounds": (0, 16), "knn": (1, math.inf), "graph_max_nodes": (1, math.inf),
@@ -193,6 +212,28 @@ def graph_grid(h: int, w: int, max_nodes: int) -> tuple[int, int]:
     return hg, min(w, max(1, max_nodes // hg))
 
 
+@functools.lru_cache(maxsize=64)
+def pool_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n_out, n_in]: row i averages ``adaptive_avg_pool``'s window floor(i n / m) .. ceil((i + 1) n / m)."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m.to(device=device, dtype=dtype)
+
+
+def grid_pool(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` (x [B, K, h, w]; x itself when it already has that size) as two
+    matmuls with the separable window-averaging matrices: the same windows and weights, to float rounding, and on
+    CPU 2.5x faster forward and backward than the pooling kernel."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    rows = pool_matrix(h, size[0], x.device, x.dtype)
+    cols = pool_matrix(w, size[1], x.device, x.dtype)
+    return torch.matmul(rows, torch.matmul(x, cols.T))
+
+
 def kth_largest(sim: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of every row of sim [N, M] -> [N, 1].
 
@@ -206,40 +247,101 @@ def kth_largest(sim: torch.Tensor, k: int) -> torch.Tensor:
     return sim.topk(k, dim=-1).values[:, -1:]
 
 
+class DenseGraph(NamedTuple):
+    """A_hat = diag(d_inv) adj^T diag(d_inv) for a batch of images: adj [B, N, N] = A + A^T, d_inv [B, N]."""
+
+    adj: torch.Tensor
+    d_inv: torch.Tensor
+
+
+class EdgeGraph(NamedTuple):
+    """A_hat as the edges of A over the batch (node b * N + i): rows, cols [E] long, w [E] normalised weights."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    w: torch.Tensor
+
+
+def symmetric_knn_(sim: torch.Tensor, kth: torch.Tensor, use_numpy: bool | None = None) -> None:
+    """sim [c, N, N] <- A + A^T in place: (A + A^T)_ij = cos_ij (M_ij + M_ji), M = sim >= kth [c, N, 1]."""
+    if sim.device.type == "cpu" if use_numpy is None else use_numpy:  # numpy's uint8 transpose-add and
+        # mixed-type multiply are ~4x faster on CPU than torch's
+        x = sim.numpy()
+        keep = (x >= kth.numpy()).view(np.uint8)
+        np.multiply(x, keep + keep.transpose(0, 2, 1), out=x)
+    else:
+        keep = (sim >= kth).view(torch.uint8)
+        torch.mul(sim, keep + keep.transpose(1, 2), out=sim)
+
+
 @torch.no_grad()
-def knn_graph(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The normalised symmetric kNN affinity D^-1/2 (A + A^T) D^-1/2 of features f [B, N, D], as an edge list.
+def knn_graph(f: torch.Tensor, k: int, chunk: int | None = None, dense: bool | None = None
+              ) -> DenseGraph | EdgeGraph:
+    """The normalised symmetric kNN affinity A_hat = D^-1/2 (A + A^T) D^-1/2 of features f [B, N, D], per image.
 
     Per image, A keeps the entries of ``max(0, cos(f_i, f_j))`` that are >= the (k+1)-th largest of their row
-    (self included; ties kept, as in the code). Nodes are numbered over the batch (image b's node i is
-    b * N + i); returns ``rows``, ``cols`` [E] long and ``w`` [E], the normalised weight of edge (row, col) of
-    A; the same weight belongs to its transpose (col, row). Only one N x N similarity exists at a time.
+    (self included; ties kept, as in the code); D holds the row sums of A + A^T. Images are independent and
+    are computed together:
+
+    - dense (default when N <= ``DENSE_MAX_NODES`` and B N^2 <= ``DENSE_BUDGET``): one row selection over each
+      chunk's rows, and A + A^T = cos * (M + M^T) for the kept-entry mask M (the cosine is symmetric), kept
+      unnormalised with the degrees apart (:class:`DenseGraph`), so the N x N work is four passes and
+      propagation one ``bmm`` each way.
+    - else an edge list (:class:`EdgeGraph`, about (k + 1) N edges per image), one ``nonzero`` per chunk.
+
+    Images are processed ``chunk`` at a time (default: as many as fit ``CHUNK`` similarity entries, at least
+    one), each chunk with one batched similarity, so at most max(CHUNK, N^2) similarity entries exist at a
+    time besides a dense result; ``chunk=1`` is the per-image computation.
+
+    Both forms are the same matrix (to float rounding of the cosines and degree sums).
     """
     b, n, _ = f.shape
     fn = F.normalize(f, dim=-1)
-    rows, cols, vals = [], [], []
+    kk = min(k + 1, n)
     tiny = torch.finfo(fn.dtype).tiny  # a threshold <= 0 keeps the positive entries only: max(0, cos)
-    for i, x in enumerate(fn):
-        sim = x @ x.T  # [N, N]
-        keep = sim >= kth_largest(sim, min(k + 1, n)).clamp_min(tiny)
-        flat = keep.view(-1).nonzero().squeeze(1)
-        rows.append(flat // n + i * n)
-        cols.append(flat % n + i * n)
+    step = max(1, chunk or CHUNK // (n * n))  # a few images at a time, so that their N x N stay in cache
+    if dense if dense is not None else n <= DENSE_MAX_NODES and b * n * n <= DENSE_BUDGET:
+        adj = fn.new_empty(b, n, n)
+        for start in range(0, b, step):
+            x = fn[start:start + step]
+            sim = torch.bmm(x, x.transpose(1, 2), out=adj[start:start + step])  # [c, N, N]
+            symmetric_knn_(sim, kth_largest(sim.view(-1, n), kk).clamp_min(tiny).view(-1, n, 1))
+        # propagate() multiplies by adj^T (the fast bmm side), whose row sums are adj's column sums
+        return DenseGraph(adj, adj.sum(1).clamp_min(_EPS_DEG).rsqrt())
+    rows, cols, vals = [], [], []
+    for start in range(0, b, step):
+        x = fn[start:start + step]
+        sim = torch.bmm(x, x.transpose(1, 2))  # [c, N, N]
+        kth = kth_largest(sim.view(-1, n), kk).clamp_min(tiny)  # [c * N, 1]
+        flat = (sim.view(-1, n) >= kth).view(-1).nonzero().squeeze(1)  # over (image, row, col) of the chunk
+        node = flat // n  # row node within the chunk
+        rows.append(node + start * n)
+        cols.append(flat % n + (node // n + start) * n)
         vals.append(sim.view(-1).index_select(0, flat))
     rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
     deg = torch.zeros(b * n, dtype=vals.dtype, device=vals.device).index_add_(0, rows, vals).index_add_(0, cols, vals)
     d_inv = deg.clamp_min(_EPS_DEG).rsqrt()  # row sums of A + A^T
-    return rows, cols, vals * d_inv.index_select(0, rows) * d_inv.index_select(0, cols)
+    return EdgeGraph(rows, cols, vals * d_inv.index_select(0, rows) * d_inv.index_select(0, cols))
 
 
-def propagate(z: torch.Tensor, graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``A_hat z`` for the edge list of :func:`knn_graph`: z [B, N, C] -> [B, N, C] (differentiable in z)."""
+def propagate(z: torch.Tensor, graph: DenseGraph | EdgeGraph) -> torch.Tensor:
+    """``A_hat z`` for a graph of :func:`knn_graph`: z [B, N, C] -> [B, N, C] (differentiable in z)."""
+    if isinstance(graph, DenseGraph):
+        d = graph.d_inv.unsqueeze(-1)
+        # (z^T adj)^T = adj^T z: a [C, N] x [N, N] product, ~4x faster on CPU than [N, N] x [N, C] at C << N
+        return torch.bmm((z * d).transpose(1, 2), graph.adj).transpose(1, 2) * d
     rows, cols, w = graph
     b, n, c = z.shape
     flat = z.reshape(b * n, c)
     w = w.unsqueeze(1)
     out = torch.zeros_like(flat).index_add(0, rows, w * flat.index_select(0, cols))  # A: row i gathers its columns
     return out.index_add(0, cols, w * flat.index_select(0, rows)).view(b, n, c)  # A^T: and the rows that kept it
+
+
+def class_softmax(z: torch.Tensor) -> torch.Tensor:
+    """softmax over the classes of node logits z [B, N, C], taken along a strided dim (8x faster on CPU than
+    along a last dim of a few classes, same values)."""
+    return z.transpose(1, 2).softmax(1).transpose(1, 2)
 
 
 def class_propagate(z_out: torch.Tensor, cls: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -251,7 +353,8 @@ def class_propagate(z_out: torch.Tensor, cls: torch.Tensor, f: torch.Tensor) -> 
     """
     with torch.no_grad():
         c = z_out.shape[-1]
-        q = F.normalize(z_out.softmax(-1), dim=-1)  # [B, N, C]
+        p = z_out.transpose(1, 2).softmax(1)  # [B, C, N]: reductions over a strided class dim (see class_softmax)
+        q = (p / p.square().sum(1, keepdim=True).sqrt().clamp_min(1e-12)).transpose(1, 2)  # F.normalize, [B, N, C]
         onehot = F.one_hot(cls, c).to(q.dtype)  # [B, N, C]
         per_class = torch.bmm(onehot.transpose(1, 2), q)  # [B, C, C]: sum of q over the nodes of each class
         d_inv = (q * torch.bmm(onehot, per_class)).sum(-1).clamp_min(_EPS_DEG).rsqrt()  # [B, N]
@@ -266,17 +369,22 @@ class GraphRound(nn.Module):
     def __init__(self, num_classes: int, dim: int, class_graph: bool, class_init: str):
         super().__init__()
         self.class_conv = nn.Sequential(nn.Linear(num_classes, num_classes), nn.Linear(num_classes, num_classes))
-        if class_init == "identity":
+        self.feat_conv = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if class_graph else None
+        if class_init == "code":  # ResNet101.__init__'s normal(0, 0.01) on every conv; G2Net zeroed the biases
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, 0.0, 0.01)
+                    nn.init.zeros_(layer.bias)
+        elif class_init == "identity":
             for layer in self.class_conv:
                 nn.init.eye_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        self.feat_conv = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)) if class_graph else None
 
     def forward(self, z: torch.Tensor, f: torch.Tensor, eta: torch.Tensor, cfg: MLLCGraphConfig
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [B, N, C], f [B, N, D], eta [C] -> (Z_k [B, N, C], F_k [B, N, D], reliable [B, N] bool)."""
         with torch.no_grad():
-            conf, cls = z.softmax(-1).max(-1)
+            conf, cls = class_softmax(z).max(-1)
             reliable = (conf >= cfg.base_tau) | (conf >= eta[cls])
             graph = knn_graph(f, cfg.knn)
             share = torch.where(reliable, cfg.prop_reliable, cfg.prop_unreliable).unsqueeze(-1)  # of Z'
@@ -366,24 +474,41 @@ class MLLCModule(MethodModule):
 
     def run(self, d: dict[str, torch.Tensor]) -> Levels:
         """feat_proj and the K rounds on a model dict's ``logits_low`` [B, C, h, w] and ``features`` [B, D0, h, w]."""
-        z0, f0 = d["logits_low"], d["features"]
-        with torch.autocast(z0.device.type, enabled=False):
-            z0, f0 = z0.float(), f0.float()
-            h, w = z0.shape[-2:]
+        return self.run_views([d])[0]
+
+    def run_views(self, dicts: list[dict[str, torch.Tensor]]) -> list[Levels]:
+        """:meth:`run` on several model dicts of one decoder size at once: their images form one batch of rounds.
+
+        Every piece of a round is per image (the pooling, feat_proj, both graphs, the class and feature convs;
+        eta is this step's), so this is the per-dict computation, with one kNN graph build and one set of
+        round ops for all of them instead of one per dict.
+        """
+        sizes = [d["logits_low"].shape[0] for d in dicts]
+        dev = dicts[0]["logits_low"].device
+        with torch.autocast(dev.type, enabled=False):
+            h, w = dicts[0]["logits_low"].shape[-2:]
             size = graph_grid(h, w, self.g.graph_max_nodes)
-            if size != (h, w):
-                z0, f0 = F.adaptive_avg_pool2d(z0, size), F.adaptive_avg_pool2d(f0, size)
-            z = z0.flatten(2).transpose(1, 2)  # [B, N, C]
-            f = self.feat_proj(f0.flatten(2).transpose(1, 2))  # [B, N, D]
+
+            def nodes(key: str) -> torch.Tensor:  # the views' maps on the graph grid, one batch [B, K, N]
+                maps = [grid_pool(d[key].float(), size) for d in dicts]
+                return (torch.cat(maps) if len(maps) > 1 else maps[0]).flatten(2)
+
+            base = z = nodes("logits_low").transpose(1, 2)  # [B, N, C]
+            f = self.feat_proj(nodes("features").transpose(1, 2))  # [B, N, D]
             self._nodes = max(self._nodes, size[0] * size[1])
             eta = self.eta()
-            lv = Levels((h, w), size, d["logits"], z, [], [f])
+            zs, fs = [], [f]
             for rnd in self.rounds:
                 z, f, reliable = rnd(z, f, eta, self.g)
-                lv.logits.append(z)
-                lv.feats.append(f)
-                self._reliable.append(reliable.float().mean().detach())
-        return lv
+                zs.append(z)
+                fs.append(f)
+                self._reliable.extend(r.float().mean().detach() for r in reliable.split(sizes))
+        if len(dicts) == 1:
+            return [Levels((h, w), size, dicts[0]["logits"], base, zs, fs)]
+        parts = [t.split(sizes) for t in [base] + zs + fs]  # (split: one backward for all of a tensor's views)
+        k = len(zs)
+        return [Levels((h, w), size, d["logits"], p[0], list(p[1:k + 1]), list(p[k + 1:]))
+                for d, p in zip(dicts, zip(*parts))]
 
     def to_full(self, z: torch.Tensor, lv: Levels) -> torch.Tensor:
         """Node logits [B, N, C] on the graph grid -> [B, C, H, W] at the view's full resolution (bilinear).
@@ -410,13 +535,33 @@ class MLLCModule(MethodModule):
         return labels[:, rows][:, :, cols].flatten(1)
 
     def student(self, out, view: str) -> Levels | None:
-        """The student's levels on one view of this step (computed once, with gradient); None if not computed."""
+        """The student's levels on one view of this step (computed once, with gradient); None if not computed.
+
+        The first request of a step also runs the other student views this step's terms will ask for (``x``,
+        and ``s1`` for ``mllc_u``/``mllc_pair``/an active ``mllc_proto``) when they have the same decoder
+        size: one batch of rounds for all of them (:meth:`run_views`).
+        """
         if self._step_out is not out:
             self._step_out, self._student = out, {}
         if view not in self._student:
             d = out.part(view)
-            self._student[view] = None if d is None else self.run(d)
+            if d is None:
+                self._student[view] = None
+                return None
+            batch = {view: d}
+            for other in self._student_views(out):
+                if other in self._student or other in batch:
+                    continue
+                e = out.part(other)
+                if e is not None and all(e[k].shape[1:] == d[k].shape[1:] for k in ("logits_low", "features")):
+                    batch[other] = e
+            self._student.update(zip(batch, self.run_views(list(batch.values()))))
         return self._student[view]
+
+    def _student_views(self, out) -> list[str]:
+        """The student views this step's terms use: ``x`` always, ``s1`` for the unlabeled terms."""
+        proto = self.proto is not None and out.iteration >= self.proto_start
+        return ["x", "s1"] if self.unsup is not None or self.pair is not None or proto else ["x"]
 
     def teacher(self, d: dict[str, torch.Tensor]) -> Levels:
         """The rounds on a teacher model dict, without gradient (cached for the step)."""
