@@ -21,10 +21,10 @@ Exact reformulations keep it cheap [I]. Every piece of a round is per image, so 
 student's views ``x`` and ``s1`` together, run as one batch of rounds (the teacher's two views cannot join: the
 step refines the mix partner before the weak view exists). The SLG's per-row (k+1)-th largest similarity comes
 from ``np.partition`` on CPU, ``topk`` elsewhere, ties at the threshold kept as in the code. Up to
-``DENSE_MAX_NODES`` (512) nodes it is kept dense, A + A^T = cos * (M + M^T) for the kept-entry mask M, with the
+``DENSE_MAX_NODES`` (1,024) nodes it is kept dense, A + A^T = cos * (M + M^T) for the kept-entry mask M, with the
 degrees apart; propagation is one ``bmm`` each way. Beyond, an edge list (about (k + 1) N edges per image)
-propagates with index_add. Either is built a few images at a time (``CHUNK`` similarity entries, one image from
-512 nodes on), so the N x N blocks stay in cache and one N x N similarity is the largest tensor at large N. The CLG is low rank (``B = sum_c (onehot_c * q)(onehot_c * q)^T``), so ``B_hat F``
+propagates with index_add (its size grows with ties: see DENSE_MAX_NODES). Either is built a few images at a time
+(``CHUNK`` similarity entries, one image from 512 nodes on), so the N x N blocks stay in cache and one N x N similarity is the largest tensor at large N. The CLG is low rank (``B = sum_c (onehot_c * q)(onehot_c * q)^T``), so ``B_hat F``
 costs O(N C^2 D) and never forms an N x N matrix. Pooling to the graph grid is ``adaptive_avg_pool2d`` written
 as two matmuls. All are checked against the dense §8.2 form, and batched against one image / one view at a time,
 in the tests. Cost on one CPU thread, small model, 64 px, 8 + 8 images, 16 x 16 nodes (the studies' setting):
@@ -122,8 +122,10 @@ _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
 _BCE_CLAMP = (1e-10, 1.0 - 1e-7)  # the code clamps cos to [1e-10, 1]; 1 - 1e-7 keeps log(1 - p) finite
 CHUNK = 2 ** 18  # similarity entries knn_graph builds at a time (1 MiB fp32, about L2: 4 images at 256 nodes, 1 at
 # 512 and beyond; larger chunks of N >= 512 leave the cache and are slower than one image at a time)
-DENSE_MAX_NODES = 512  # knn_graph's dense form up to this many nodes per image (one CPU thread, k = 20: 2x faster than
-# the edge list with its backward at 256 nodes, 1.6x at 512; the step on the full 32 x 32 map, 1024, is slower dense)
+DENSE_MAX_NODES = 1024  # knn_graph's dense form up to this many nodes per image (one CPU thread, k = 20: 2x faster than
+# the edge list with its backward at 256 nodes, 1.6x at 512, even at 1024 without ties; and its cost does not grow
+# with ties: at the code's init the second round's features tie within a class, whole-class neighbourhoods, up to
+# N^2 / C edges, 7x the edge list's step cost on the full 32 x 32 map)
 DENSE_BUDGET = 2 ** 24  # and while the batch's dense A_hat, kept for the backward, has at most this many entries
 
 
