@@ -345,6 +345,7 @@ def _table(study, storage: str, fmt: str, **over) -> str:
     sections = [name for flag, name in flags.items() if over.pop(flag, None)] or ["comparison"]
     history = store.load_history() if "pseudo_labels" in sections and study.search is None else None
     report = study_report(study, store.load(), history, sections, **over)
+    _notes(store)
     return "\n".join(render(s, fmt) for s in report.values())
 
 
@@ -387,7 +388,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     study, storage = _load(args)
     layout = StudyStorage(storage)
-    df = ResultsStore(layout).load()
+    store = ResultsStore(layout)
+    df = store.load()
+    _notes(store)
     rows = {r["trial_id"]: r for r in df.to_dict("records")} if len(df) else {}
     counts = {"done": 0, "failed": 0, "started": 0, "missing": 0}
     for p in study.trials():
@@ -405,6 +408,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{state:8s} {p.trial_id[:12]}  {cell}  {detail}".rstrip())
     print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"  ({storage})")
     return EXIT_OK
+
+
+def _notes(store) -> None:
+    """What a load skipped without losing a row (an unreadable snapshot), one line each on stderr."""
+    for note in store.notes:
+        print(f"sslray: warning: {note}", file=sys.stderr)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -486,8 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         if os.environ.get("SSLRAY_DEBUG"):
             raise
-        print(f"sslray: error: {type(e).__name__}: {e}" if not isinstance(e, (FileNotFoundError, ValueError))
-              else f"sslray: error: {e}", file=sys.stderr)
+        from sslray.storage import redact  # no credential in a message, whatever raised it
+
+        print(redact(f"sslray: error: {type(e).__name__}: {e}" if not isinstance(e, (FileNotFoundError, ValueError))
+                     else f"sslray: error: {e}"), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("sslray: interrupted; checkpoints and results written so far are kept", file=sys.stderr)

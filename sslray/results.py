@@ -27,6 +27,7 @@ import json
 import os
 import re
 import subprocess
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sslray.config import TrialConfig, flatten
-from sslray.storage import TMP_PREFIX, StudyStorage, atomic_write
+from sslray.storage import HISTORY, RESULTS, TMP_PREFIX, StoreIOError, StudyStorage, redact
 
 if TYPE_CHECKING:
     from sslray.study import PlannedTrial, Study
@@ -200,7 +201,19 @@ def arrow_type(column: str, value: Any) -> pa.DataType:
     return pa.float64()
 
 
+_CONFIG_TYPES: dict[str, pa.DataType] = {}  # a config key's type never changes once it resolves (plugins only add)
+
+
 def _config_arrow_type(key: str) -> pa.DataType | None:
+    t = _CONFIG_TYPES.get(key)
+    if t is None:
+        t = _CONFIG_TYPES[key] = _resolve_config_arrow_type(key)  # type: ignore[assignment]
+        if t is None:
+            del _CONFIG_TYPES[key]
+    return t
+
+
+def _resolve_config_arrow_type(key: str) -> pa.DataType | None:
     from sslray.config import ConfigError
     from sslray.study import field_type, unwrap_optional
 
@@ -240,66 +253,219 @@ def _coerce(v: Any, t: pa.DataType) -> Any:
 # the store
 
 
-class ResultsStore:
-    """Parquet rows of one study under ``root`` (a local directory, or a :class:`StudyStorage`)."""
+SIZE_COL, MTIME_COL = "_object.size", "_object.mtime_ns"  # in snapshots: the trial object each row came from
+COMPACT_MIN = 50  # rows read one object at a time before a load writes a snapshot (bounds a load to ~50 reads)
+READ_THREADS = 16  # parallel object reads on an object store (latency-bound)
 
-    def __init__(self, root: "str | os.PathLike | StudyStorage"):
+
+class ResultsStore:
+    """Parquet rows of one study under ``root`` (a local directory, a URI, or a :class:`StudyStorage`).
+
+    The truth is one immutable object per finished trial (``results/<id>.parquet``, ``history/<id>.parquet``).
+    A load lists those two prefixes (one listing each: name, size and mtime of every object) and the snapshots
+    (``snapshots/results/``, ``snapshots/history/``): Parquet files holding the rows of many trials, each row
+    tagged with the size and mtime of the object it was copied from. A row of a snapshot is used only while its
+    object is still listed with that size and mtime; every other trial is read from its own object. So a
+    snapshot is only a cache: a missing, stale, truncated or concurrently deleted one costs reads, never rows.
+
+    When a load read at least :data:`COMPACT_MIN` objects one by one (or found several snapshots), it writes a new
+    snapshot under a unique name (a fresh uuid: two drivers compacting at once write two snapshots, both valid)
+    and then deletes the snapshots it merged; a reader that loses a deleted snapshot falls back to the objects.
+    A snapshot that cannot be read is skipped and reported in :attr:`notes` (the CLI prints them on stderr).
+    """
+
+    def __init__(self, root: "str | os.PathLike | StudyStorage", snapshots: bool = True):
         self.storage = root if isinstance(root, StudyStorage) else StudyStorage(root)
         self.root = self.storage.root
         self.results_dir = self.storage.results_dir
         self.history_dir = self.storage.history_dir
+        self.snapshots = snapshots
+        self.notes: list[str] = []
+        self.stats: dict[str, int] = {}
 
     def path(self, trial_id: str) -> Path:
         return self.storage.result_file(trial_id)
 
     def write(self, row: Mapping[str, Any], history: list[Mapping[str, Any]] | None = None) -> str:
-        """Store one trial's row (and its per-evaluation history); returns the row file's path.
+        """Store one trial's row (and its per-evaluation history); returns the row object's name.
 
         A trial id may be written again only if its stored status is ``failed`` (re-running a failure); anything
-        else raises StoreError. The history goes first: a row file means the trial is complete.
+        else raises StoreError. The history goes first: a row object means the trial is complete. Each object is
+        written once, complete (:meth:`StudyStorage.write_object`), under a name only this trial writes.
         """
         trial_id = _check_row(row)
-        dst = self.path(trial_id)
+        key = self.storage.result_key(trial_id)
         # Check-then-replace is not atomic across processes; it need not be: one trial id has one writer at a time.
-        if dst.exists():
-            status = self._stored_status(dst)
+        if self.storage.exists(key):
+            status = str(self._read(key, REQUIRED, True).column("status")[0])
             if status != "failed":
-                raise StoreError(f"{dst}: trial {trial_id[:12]} is already stored with status {status!r}; "
-                                 "only failed trials may be overwritten")
-        hist_dst = self.storage.history_file(trial_id)
+                raise StoreError(f"{self.storage.display(key)}: trial {trial_id[:12]} is already stored with status "
+                                 f"{status!r}; only failed trials may be overwritten")
+        hist_key = self.storage.history_key(trial_id)
         if history:
             # the row's metric columns, so that every history file has them too (see STANDARD_METRICS)
             metric_keys = {k: None for k in row if ("/" in k or k == "iteration") and k not in ARRAY_METRICS}
             rows = [{"study": row["study"], "trial_id": trial_id, **metric_keys,
                      **{k: _scalar(v) for k, v in h.items()}} for h in history]
-            _atomic_write(_to_table(rows, str(hist_dst)), hist_dst)
-        elif hist_dst.exists():
-            hist_dst.unlink()  # the failed attempt's history does not belong to this one
-        _atomic_write(_to_table([row], str(dst)), dst)
-        return str(dst)
+            self._write_table(_to_table(rows, self.storage.display(hist_key)), hist_key)
+        elif self.storage.exists(hist_key):
+            self.storage.delete(hist_key)  # the failed attempt's history does not belong to this one
+        return self._write_table(_to_table([row], self.storage.display(key)), key)
 
     def has(self, trial_id: str) -> bool:
-        return self.path(trial_id).exists()
+        return self.storage.exists(self.storage.result_key(trial_id))
 
-    def ids(self, status: str | None = None) -> set[str]:
-        """Stored trial ids, optionally only those with ``status``."""
-        df = self.load()
+    def ids(self, status: str | None = None, df: pd.DataFrame | None = None) -> set[str]:
+        """Stored trial ids, optionally only those with ``status`` (of ``df`` when given: one load, many asks)."""
+        df = self.load() if df is None else df
         if status is not None:
             df = df[df["status"] == status]
         return set(df["trial_id"])
 
     def load(self) -> pd.DataFrame:
-        """Every stored row (sorted by trial id); StoreError names the first bad file. Empty store: no rows."""
-        frames = [_read_checked(p, REQUIRED, one_row=True) for p in _trial_files(self.results_dir)]
-        return _concat(frames, REQUIRED)
+        """Every stored row (sorted by trial id); StoreError names the first bad object. Empty store: no rows."""
+        return self._load(RESULTS, REQUIRED, one_row=True)
 
     def load_history(self) -> pd.DataFrame:
         """Every stored per-evaluation row, with ``study`` and ``trial_id`` columns."""
-        frames = [_read_checked(p, HISTORY_REQUIRED, one_row=False) for p in _trial_files(self.history_dir)]
-        return _concat(frames, HISTORY_REQUIRED)
+        return self._load(HISTORY, HISTORY_REQUIRED, one_row=False)
 
-    def _stored_status(self, path: Path) -> str:
-        return str(_read_checked(path, REQUIRED, one_row=True)["status"].iloc[0])
+    def compact(self) -> None:
+        """Write snapshots of every row now (whatever the number of trials read one by one)."""
+        for kind, req, one in ((RESULTS, REQUIRED, True), (HISTORY, HISTORY_REQUIRED, False)):
+            self._load(kind, req, one, force_compact=True)
+
+    # loading -------------------------------------------------------------------------------------------------
+
+    def _load(self, kind: str, required: tuple[str, ...], one_row: bool, force_compact: bool = False) -> pd.DataFrame:
+        listing = self._listing(kind)
+        snap_tables, merged = self._from_snapshots(kind, listing) if self.snapshots else ([], [])
+        covered = set().union(*(set(t.column("trial_id").to_pylist()) for t in snap_tables)) if snap_tables else set()
+        todo = [tid for tid in listing if tid not in covered]
+        fresh = self._read_many(kind, todo, listing, required, one_row)
+        self.stats = {"objects": len(listing), "from_snapshots": len(covered), "read_one_by_one": len(todo),
+                      "snapshots": len(merged)}
+        tables = snap_tables + fresh
+        if not tables:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in required})
+        table = _concat_tables(tables)
+        if self.snapshots and (force_compact or len(todo) >= COMPACT_MIN or len(merged) > 1):
+            self._write_snapshot(kind, table, merged)
+        df = table.drop_columns([c for c in (SIZE_COL, MTIME_COL) if c in table.column_names]).to_pandas()
+        return df.sort_values("trial_id", kind="stable", ignore_index=True)
+
+    def _listing(self, kind: str) -> dict[str, tuple[int, int]]:
+        """trial id -> (size, mtime_ns) of every ``<64 hex>.parquet`` under ``kind``, sorted by id; anything else
+        (but temp files) is a StoreError, because a stray entry there is either a bug or a copy mistake, and tables
+        must never silently skip data."""
+        infos = sorted(self.storage.list_files(kind), key=lambda i: i.base_name)
+        foreign = [i.base_name for i in infos if not i.base_name.startswith(TMP_PREFIX)
+                   and not (TRIAL_FILE.fullmatch(i.base_name) and i.is_file)]
+        if foreign:
+            raise StoreError(f"{self.storage.display(f'{kind}/{foreign[0]}')}: not a results file (expected <trial "
+                             f"id>.parquet); foreign entries: {', '.join(foreign)}")
+        return {i.base_name[: -len(".parquet")]: (i.size, i.mtime_ns) for i in infos
+                if TRIAL_FILE.fullmatch(i.base_name)}
+
+    def _from_snapshots(self, kind: str, listing: dict[str, tuple[int, int]]) -> tuple[list[pa.Table], list[str]]:
+        """The rows of the snapshots whose objects are unchanged (newest snapshot first; each trial from one
+        snapshot only), and the snapshot keys read."""
+        snap_dir = self.storage.snapshot_dir(kind)
+        infos = [i for i in self.storage.list_files(snap_dir)
+                 if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith(TMP_PREFIX)]
+        infos.sort(key=lambda i: (-(i.mtime_ns or 0), i.base_name))
+        tables, merged, taken = [], [], set()
+        for info in infos:
+            key = f"{snap_dir}/{info.base_name}"
+            try:
+                table = pq.read_table(pa.BufferReader(self.storage.read_bytes(key)))
+                ids = table.column("trial_id").to_pylist()
+                sizes, mtimes = table.column(SIZE_COL).to_pylist(), table.column(MTIME_COL).to_pylist()
+            except FileNotFoundError:  # deleted by a concurrent compaction after the listing: its rows are elsewhere
+                continue
+            except (pa.ArrowException, OSError, KeyError) as e:
+                self.notes.append(f"{self.storage.display(key)}: unreadable snapshot ignored (its rows are read "
+                                  f"from the trial objects): {_first_line(e)}")
+                continue
+            merged.append(key)
+            good = {t for t, s, m in zip(ids, sizes, mtimes) if t not in taken and listing.get(t) == (s, m)}
+            if good:
+                mask = pa.array([t in good for t in ids], type=pa.bool_())
+                tables.append(table.filter(mask))
+                taken |= good
+        return tables, merged
+
+    def _read_many(self, kind: str, ids: list[str], listing: dict[str, tuple[int, int]],
+                   required: tuple[str, ...], one_row: bool) -> list[pa.Table]:
+        keys = [f"{kind}/{tid}.parquet" for tid in ids]
+
+        def read(key_tid):
+            key, tid = key_tid
+            t = self._read(key, required, one_row)
+            size, mtime = listing[tid]
+            n = t.num_rows
+            t = t.append_column(SIZE_COL, pa.array([size] * n, pa.int64()))
+            return t.append_column(MTIME_COL, pa.array([mtime] * n, pa.int64()))
+
+        pairs = list(zip(keys, ids))
+        if self.storage.remote and len(pairs) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                return list(pool.map(read, pairs))
+        return [read(p) for p in pairs]
+
+    def _read(self, key: str, required: tuple[str, ...], one_row: bool) -> pa.Table:
+        """A store object as a table, or StoreError naming it: unreadable or truncated Parquet, a required column
+        missing, or (``one_row``, result objects) anything but exactly one row whose trial_id is the object's name."""
+        name = self.storage.display(key)
+        try:
+            if self.storage.remote:
+                table = pq.read_table(pa.BufferReader(self.storage.read_bytes(key)))
+            else:
+                table = pq.ParquetFile(self.storage.root / key).read()
+        except StoreIOError:
+            raise
+        except (pa.ArrowException, OSError) as e:
+            raise StoreError(f"{name}: not a readable Parquet file ({_first_line(e)})") from None
+        missing = [c for c in required if c not in table.column_names]
+        if missing:
+            raise StoreError(f"{name}: missing required column(s) {', '.join(missing)}")
+        trial_id = key.rsplit("/", 1)[-1][: -len(".parquet")]
+        if one_row:
+            found = table.column("trial_id").to_pylist()
+            if len(found) != 1 or found[0] != trial_id:
+                raise StoreError(f"{name}: expected one row for trial {trial_id[:12]}, found {len(found)} row(s) with "
+                                 f"trial_id {sorted(set(map(str, found)))}")
+        return table
+
+    def _write_table(self, table: pa.Table, key: str) -> str:
+        return self.storage.write_object(key, lambda f: pq.write_table(table, f))
+
+    def _write_snapshot(self, kind: str, table: pa.Table, merged: list[str]) -> None:
+        """Write ``table`` (every row, with the object each came from) as a new snapshot, then drop the merged
+        ones. Best effort: a read-only or unreachable store keeps its old snapshots and loses nothing."""
+        key = f"{self.storage.snapshot_dir(kind)}/{uuid.uuid4().hex}.parquet"
+        try:
+            self._write_table(table, key)
+            for old in merged:
+                self.storage.delete(old)
+        except OSError as e:
+            self.notes.append(f"{self.storage.display(key)}: snapshot not written ({_first_line(e)})")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return redact(text.splitlines()[0]) if text else type(e).__name__
+
+
+def _concat_tables(tables: list[pa.Table]) -> pa.Table:
+    """One table of rows whose column sets (and, from other sslray versions, types) may differ."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        frames = [t.to_pandas() for t in tables]
+        return pa.Table.from_pandas(pd.concat(frames, ignore_index=True, sort=False), preserve_index=False)
 
 
 def _check_row(row: Mapping[str, Any]) -> str:
@@ -316,52 +482,12 @@ def _check_row(row: Mapping[str, Any]) -> str:
     return row["trial_id"]
 
 
-def _atomic_write(table: pa.Table, dst: Path) -> None:
-    atomic_write(dst, lambda f: pq.write_table(table, f))
-
-
 def plan(study: "Study", storage: "str | os.PathLike | StudyStorage",
          retry_failed: bool = False) -> "tuple[list[PlannedTrial], list[PlannedTrial]]":
     """(to run, skipped) of a grid / ablation study: trials whose id is already stored are skipped (failed ones too,
     unless ``retry_failed``). Reads only the store: ``sslray run --dry-run`` plans without Ray."""
     store = ResultsStore(storage)
-    done = store.ids("ok") | (set() if retry_failed else store.ids("failed"))
+    df = store.load()
+    done = store.ids("ok", df) | (set() if retry_failed else store.ids("failed", df))
     planned = study.trials()
     return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]
-
-
-def _trial_files(directory: Path) -> list[Path]:
-    """``<64 hex>.parquet`` files of ``directory``, sorted; anything else (but temp files) is a StoreError, because
-    a stray file there is either a bug or a copy mistake, and tables must never silently skip data."""
-    if not directory.is_dir():
-        return []
-    names = sorted(os.listdir(directory))
-    foreign = [n for n in names if not n.startswith(TMP_PREFIX) and not TRIAL_FILE.fullmatch(n)]
-    if foreign:
-        raise StoreError(f"{directory / foreign[0]}: not a results file (expected <trial id>.parquet); "
-                         f"foreign entries: {', '.join(foreign)}")
-    return [directory / n for n in names if TRIAL_FILE.fullmatch(n)]
-
-
-def _read_checked(path: Path, required: tuple[str, ...], one_row: bool) -> pd.DataFrame:
-    """A store file as a DataFrame, or StoreError naming it: unreadable or truncated Parquet, a required column
-    missing, or (``one_row``, result files) anything but exactly one row whose trial_id is the file's name."""
-    try:
-        table = pq.ParquetFile(path).read()
-    except (pa.ArrowException, OSError) as e:
-        raise StoreError(f"{path}: not a readable Parquet file ({e})") from None
-    missing = [c for c in required if c not in table.column_names]
-    if missing:
-        raise StoreError(f"{path}: missing required column(s) {', '.join(missing)}")
-    df = table.to_pandas()
-    trial_id = path.name[: -len(".parquet")]
-    if one_row and (len(df) != 1 or df["trial_id"].iloc[0] != trial_id):
-        raise StoreError(f"{path}: expected one row for trial {trial_id[:12]}, found {len(df)} row(s) with "
-                         f"trial_id {sorted(set(map(str, df['trial_id'])))}")
-    return df
-
-
-def _concat(frames: list[pd.DataFrame], required: tuple[str, ...]) -> pd.DataFrame:
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in required})
-    return pd.concat(frames, ignore_index=True, sort=False)
