@@ -379,7 +379,7 @@ def _load(args: argparse.Namespace):
     from sslray.study import load_study
 
     study = load_study(args.study, args.overrides)
-    return study, str(study_storage(study, args.storage).root)
+    return study, study_storage(study, args.storage).uri
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -436,8 +436,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if len(df) == 0:
         print(f"sslray: error: no stored results in {storage} (run the study first)", file=sys.stderr)
         return EXIT_FAILED
-    for path in plot_study(study, df, store.load_history(), args.out or str(StudyStorage(storage).plots_dir), args.kind,
-                           args.format, storage, args.metric, args.agg):
+    layout = StudyStorage(storage)
+    history = store.load_history()
+    _notes(store)
+    out = args.out or str(layout.local_dir("plots"))  # an object store: drawn here, then uploaded
+    paths = plot_study(study, df, history, out, args.kind, args.format, storage, args.metric, args.agg)
+    if layout.remote and not args.out:
+        layout.publish_dir(out, "plots")
+        paths = [layout.display(f"plots/{os.path.basename(p)}") for p in paths]
+    for path in paths:
         print(path)
     return EXIT_OK
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sslray.report import Table, cell_members, study_report
 from sslray.report.sections import PARTITION
-from sslray.storage import StudyStorage, atomic_write
+from sslray.storage import SPLITS_DIR, StudyStorage, atomic_write
 from sslray.study import VARIANT
 
 if TYPE_CHECKING:
@@ -165,13 +165,14 @@ def labeled_counts(planned: "list[PlannedTrial]", storage: str | None = None) ->
         elif cfg.data.dataset == "synthetic":
             out[part] = parse_partition_spec(part, cfg.data.synthetic.num_train)
         else:
-            paths = [str(StudyStorage(storage or "").splits_dir(t.trial_id) / "labeled.txt") for t in trials]
-            found = next((p for p in paths if os.path.isfile(p)), None)
+            layout = StudyStorage(storage or "")
+            keys = [f"{layout.trial_key(t.trial_id)}/{SPLITS_DIR}/labeled.txt" for t in trials]
+            found = next((k for k in keys if layout.exists(k)), None)
             if found is None:
                 raise ValueError(f"partition {part!r}: its number of labeled images is known once one of its trials "
-                                 f"has written {paths[0]}")
-            with open(found, encoding="utf-8") as f:
-                out[part] = sum(1 for line in f if line.strip())
+                                 f"has written {layout.display(keys[0])}")
+            text = layout.read_bytes(found).decode("utf-8")
+            out[part] = sum(1 for line in text.splitlines() if line.strip())
     return out
 
 

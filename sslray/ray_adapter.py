@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 # Set before Ray starts: the controller polls workers at this interval, which paces every report and the
@@ -159,9 +160,13 @@ def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, 
     from sslray.tracking import TrialRun
     from sslray.trainer import fit
 
-    out_dir = str(StudyStorage(spec.storage).trial_dir(cfg.trial_id()))
+    storage = StudyStorage(spec.storage)
+    out_dir = str(storage.pull_trial(cfg.trial_id()))  # an object store: a local copy, uploaded below
     # W&B on the reporting process only: the trial actor, or rank 0 of the Train workers (ray.md section 4)
     run = TrialRun.start(spec.tracking, spec.study, cfg, cell) if runtime.is_main else None
+    run_dir = _wandb_run_dir(run)
+    if storage.remote and runtime.is_main:  # each checkpoint to the store as it is written: any node can resume
+        reporter = _uploading(reporter, storage, cfg.trial_id())
     outcome = _Outcome("failed", reason="the trial process stopped before it returned")
     try:
         result = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
@@ -174,7 +179,25 @@ def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, 
     finally:
         if run is not None:
             run.finish(outcome.status, outcome.metrics, outcome.reason)
+        if runtime.is_main and storage.remote:  # the checkpoint, the split files and the offline W&B run
+            storage.push_trial(cfg.trial_id())
+            if run_dir is not None:
+                storage.publish_dir(run_dir, f"wandb/{run_dir.name}")
     return outcome
+
+
+def _uploading(reporter, storage: StudyStorage, trial_id: str):
+    def report(metrics: dict, checkpoint: str | None) -> None:
+        if checkpoint:
+            storage.upload_dir(checkpoint, f"{storage.trial_key(trial_id)}/checkpoint")
+        reporter(metrics, checkpoint)
+    return report
+
+
+def _wandb_run_dir(run) -> "Path | None":
+    """The W&B run's own directory (``.../wandb/offline-run-<time>-<id>``), None without a run."""
+    files = getattr(getattr(run, "run", None), "dir", None)
+    return Path(files).parent if files else None
 
 
 def _scalars(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -223,7 +246,7 @@ def _fit_on_workers(spec: TrialSpec, cfg: TrialConfig, cell: dict) -> _Outcome:
                                                placement_strategy=res.placement.upper()),
         run_config=ray.train.RunConfig(
             name=f"{spec.study}-{cfg.short_id()}",  # stable: a re-run finds and resumes this run
-            storage_path=str(StudyStorage(spec.storage).ray_train_dir),
+            **_ray_storage(StudyStorage(spec.storage), "ray_train"),
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=3),
@@ -259,7 +282,8 @@ def train_fn_per_worker(loop_config: dict) -> _Outcome | None:
     ck = ray.train.get_checkpoint()  # after a worker failure: the last reported checkpoint
     if ck is not None:
         with ck.as_directory() as d:  # a copy per rank: no rank reads another's half-copied files
-            local = str(StudyStorage(spec.storage).restored_dir(cfg.trial_id(), rank))
+            storage = StudyStorage(spec.storage)
+            local = str(storage.local_trial_dir(cfg.trial_id()) / f"restored-rank{rank}")
             shutil.copytree(d, local, dirs_exist_ok=True)
             resume_from = local
     outcome = _fit_with(spec, cfg, loop_config["cell"], runtime, reporter, resume_from)
@@ -389,12 +413,13 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     _init_ray(address, num_cpus, dashboard=study.resources.workers > 1 or bool(search and study.search.scheduler))
     cluster = ray.cluster_resources()
     check_fits(study, cluster, study.path)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.remote:
+        layout.root.mkdir(parents=True, exist_ok=True)
     n = study.search.num_samples if search else len(todo)
     concurrent = max_concurrent(study, cluster, n)
-    spec = TrialSpec(study=study.name, storage=str(layout.root), resources=study.resources,
+    spec = TrialSpec(study=study.name, storage=layout.uri, resources=study.resources,
                      max_failures=max_failures, plugins=tuple(plugins), source=os.path.abspath(study.path),
-                     tracking=tracking.settings_for(study, str(layout.root)))
+                     tracking=tracking.settings_for(study, layout.uri))
     if search:
         param_space, tune_cfg = _search_setup(study, spec, concurrent)
     else:
@@ -408,13 +433,21 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trial_driver, trial_resources(study)), param_space=param_space, tune_config=tune_cfg,
         run_config=ray.tune.RunConfig(
-            name=f"{study.name}-tune", storage_path=str(layout.ray_tune_dir), verbose=0,
+            name=f"{study.name}-tune", **_ray_storage(layout, "ray_tune"), verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=max_failures),
             callbacks=[_Progress(n, {p.trial_id: _label(p) for p in todo}, study.report.metric)] if verbose else []))
     grid = tuner.fit()
     _store_unreturned(grid, layout)
-    tracking.log_study(study, str(layout.root), spec.tracking)  # no-op when tracking is disabled
+    tracking.log_study(study, layout.uri, spec.tracking)  # no-op when tracking is disabled
     return _summary(grid, layout, todo, skipped, n if search else None, t0)
+
+
+def _ray_storage(layout: StudyStorage, rel: str) -> dict:
+    """Tune's / Train's ``storage_path`` (and ``storage_filesystem`` on an object store): Ray's experiment state
+    lands beside sslray's files, through the same pyarrow filesystem."""
+    if not layout.remote:
+        return {"storage_path": str(layout.root / rel)}
+    return {"storage_path": layout.key(rel), "storage_filesystem": layout.fs}
 
 
 def _grid_spec(spec: TrialSpec, p: PlannedTrial) -> TrialSpec:
@@ -430,8 +463,8 @@ def _summary(grid, layout: StudyStorage, todo: list[PlannedTrial], skipped: list
         ok = sum(1 for r in ran if r.metrics.get("sslray_status") == "ok")
         return RunSummary(samples, 0, len(ran), ok, len(ran) - ok, time.time() - t0)
     store = ResultsStore(layout)
-    ids = {p.trial_id for p in todo}
-    ok, failed = len(ids & store.ids("ok")), len(ids & store.ids("failed"))
+    ids, df = {p.trial_id for p in todo}, store.load()
+    ok, failed = len(ids & store.ids("ok", df)), len(ids & store.ids("failed", df))
     return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
 
 

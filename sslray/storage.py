@@ -385,13 +385,27 @@ class StudyStorage:
         """Where the trial's files are written while it trains: ``trials/<id>`` itself on a local root; on an
         object store a scratch directory on this node (``$SSLRAY_SCRATCH``, default the system temp dir),
         filled from the store by :meth:`pull_trial` and copied back by :meth:`push_trial`."""
+        return self.local_dir(self.trial_key(trial_id))
+
+    def local_dir(self, rel: str) -> Path:
+        """``rel`` as a local directory: under the root when it is local; on an object store under this node's
+        scratch directory (``$SSLRAY_SCRATCH``, default ``<temp>/sslray-scratch``, one subdirectory per store),
+        whose files :meth:`publish_dir` uploads."""
         if not self.remote:
-            return self.trial_dir(trial_id)
+            return self.root / rel
         import hashlib
         import tempfile
 
         scratch = os.environ.get("SSLRAY_SCRATCH") or os.path.join(tempfile.gettempdir(), "sslray-scratch")
-        return Path(scratch) / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / trial_id
+        return Path(scratch) / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / rel
+
+    def publish_dir(self, local: str | os.PathLike, rel: str) -> str:
+        """Object store: upload the local directory ``local`` (say, the plots, a W&B offline run) to ``rel``;
+        returns where it now is (the display name; the local path for a local root)."""
+        if self.remote:
+            self.upload_dir(local, rel)
+            return self.display(rel)
+        return str(local)
 
     def pull_trial(self, trial_id: str) -> Path:
         """Object store: copy the trial's stored checkpoint into :meth:`local_trial_dir` when this node has none

@@ -51,7 +51,16 @@ def settings_for(study: "Study", storage: str) -> dict[str, Any] | None:
     if mode == "disabled":
         return None
     return {"mode": mode, "project": study.tracking.project, "entity": study.tracking.entity,
-            "dir": os.path.abspath(storage)}
+            "dir": _local_dir(storage)}
+
+
+def _local_dir(storage: str) -> str:
+    """Where W&B writes: the storage root, or (object store) this node's scratch copy of it; a trial's offline
+    run is uploaded to ``<storage>/wandb/`` when the trial ends (sslray.ray_adapter)."""
+    from sslray.storage import StudyStorage
+
+    layout = StudyStorage(storage)
+    return str(layout.local_dir("")) if layout.remote else os.path.abspath(storage)
 
 
 def env_mode() -> str:
@@ -174,7 +183,9 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
     figures: list[str] = []
     if study.search is None:
         try:
-            figures = plots.plot_study(study, df, history, str(StudyStorage(storage).plots_dir))
+            layout = StudyStorage(storage)
+            figures = plots.plot_study(study, df, history, str(layout.local_dir("plots")))
+            layout.publish_dir(layout.local_dir("plots"), "plots")
         except ValueError as e:  # e.g. a ratio partition of a dataset whose split files are not written yet
             print(f"sslray: figures left out of the W&B summary run: {e}", file=sys.stderr)
     run = _init(settings, group=study.name, job_type="summary", name=f"{study.name}-summary",
