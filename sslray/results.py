@@ -5,8 +5,10 @@ Files under a study's storage root (paths from :class:`sslray.storage.StudyStora
     <root>/results/<trial_id>.parquet   one row: status, the flattened config, final/best metrics, provenance
     <root>/history/<trial_id>.parquet   one row per evaluation (the trainer's ``FitResult.history``)
 
-Files are written with :func:`sslray.storage.atomic_write` (a ``.tmp`` name in the same directory, fsync, rename),
-so a reader never sees half a file and a crash leaves at most an ignored temp file. ``pandas.read_parquet(<root>/results)`` works
+Files are written with :meth:`sslray.storage.StudyStorage.write_object` (locally a ``.tmp`` name in the same
+directory, fsync, rename; on an object store one complete PUT), so a reader never sees half a file and a crash
+leaves at most an ignored temp file. Loads also merge ``snapshots/`` (compacted, fingerprinted copies of many rows;
+see :class:`ResultsStore`), so a study of 10,000 trials loads in about a second. ``pandas.read_parquet(<root>/results)`` works
 without sslray because every file writes each column with the same Arrow type (see :func:`arrow_type`); note that
 a plain directory read takes its column *set* from the first file, so per-class columns of a dataset that only
 later files have are dropped there. :meth:`ResultsStore.load` reads the files one by one and keeps every column.

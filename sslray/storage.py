@@ -13,12 +13,15 @@ Layout under a study's storage root (``storage:`` in the study file, or ``--stor
     <root>/snapshots/results/<id>.parquet  compacted copies of many result rows (a cache; see sslray.results)
     <root>/snapshots/history/<id>.parquet  the same for history rows
 
-Every other module asks :class:`StudyStorage` for these paths, so the layout is spelled out here only; a later
-object-store backend (``s3://`` through ``pyarrow.fs``) replaces this class's path building and
-:func:`atomic_write`, nothing else. Today the root must be a directory every node sees (local disk on one machine,
-NFS/EFS on a cluster): :meth:`StudyStorage.check` refuses URIs.
+Every other module asks :class:`StudyStorage` for these paths, so the layout is spelled out here only. The root
+is a local path, ``file://``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``: every object of the store is read
+and written through a ``pyarrow.fs`` filesystem (:attr:`StudyStorage.fs`, :meth:`StudyStorage.write_object`,
+:meth:`StudyStorage.read_bytes`, :meth:`StudyStorage.list_files`), the same one Ray Tune and Ray Train get as
+``storage_filesystem``. On an object store a trial trains in a node-local scratch directory
+(:meth:`StudyStorage.local_trial_dir`) and uploads its checkpoint, split files and W&B run; nodes share nothing but
+the store. Credentials come from the environment only and are never printed (:func:`redact`).
 
-Every file sslray writes goes through :func:`atomic_write`: a temp file in the same directory (name starting with
+Every local file sslray writes goes through :func:`atomic_write`: a temp file in the same directory (name starting with
 ``.tmp``, which readers of the store skip), flushed and fsynced, then ``os.replace`` onto the final name, so a
 reader never sees half a file and a crash leaves at most a temp file; a failed write removes its temp file and
 raises ``OSError`` naming the file (``cannot write checkpoint <path>: File too large``).
@@ -28,8 +31,8 @@ raises ``OSError`` naming the file (``cannot write checkpoint <path>: File too l
     rerun = storage.write_trial_config(cfg, plugins=[])    # trials/<id>/config.yaml; the command that reruns it
     atomic_write(storage.plots_dir / "x.png", lambda f: fig.savefig(f, format="png"))
 
-Only the standard library is imported here (PyYAML when a config is written): the trainer, the CLI and
-``sslray run --dry-run`` use it without pandas or Ray.
+Only the standard library is imported at module level (pyarrow.fs when the filesystem is first used, PyYAML when a
+config is written): the trainer, the CLI and ``sslray run --dry-run`` use it without pandas or Ray.
 """
 from __future__ import annotations
 

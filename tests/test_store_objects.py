@@ -194,3 +194,14 @@ def test_store_server_gone_fails_in_one_line_naming_the_object_and_keeps_rows(s3
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith(f"sslray: error: StoreIOError: cannot list "
                                                                         f"{root}/results: ") and SECRET not in err
+    from moto.server import ThreadedMotoServer
+
+    port = int(endpoint.rsplit(":", 1)[1])
+    again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # the same server, back
+    again.start()
+    try:
+        assert list(ResultsStore(root).load()["trial_id"]) == [row(trial, 0)["trial_id"]]  # nothing stored lost
+        ResultsStore(root).write(r)  # the retry writes again, whole
+        assert len(ResultsStore(root).load()) == 2
+    finally:
+        again.stop()
