@@ -80,3 +80,41 @@ def test_study_on_s3_run_kill_resume_status_table_plot(tmp_path, s3, capsys, mon
     assert any(n.startswith("wandb/offline-run-") for n in names)
     assert "plots/curves.png" in names
     assert not (ROOT / "s3:").exists() and not list(tmp_path.glob("s3*"))
+
+
+def test_two_nodes_that_share_no_directory_share_only_the_store(tmp_path, s3):  # noqa: F811
+    """Two Ray nodes on this machine, each with its own scratch directory (SSLRAY_SCRATCH in the raylet's
+    environment): the trials spread over both, and everything they store reaches S3 from either node."""
+    import json
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from sslray import ray_adapter
+
+    if ray.is_initialized():
+        ray.shutdown()
+    scratch = {n: tmp_path / f"node-{n}" for n in ("a", "b")}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"train_driver": 4},
+                                                            "env_vars": {"SSLRAY_SCRATCH": str(scratch["a"])}})
+    cluster.add_node(num_cpus=1, env_vars={"SSLRAY_SCRATCH": str(scratch["b"])})
+    cluster.wait_for_nodes()
+    root = f"s3://{BUCKET}/two-nodes"
+    study = {"name": "twonodes", "base": TINY_BASE, "grid": {"method.name": ["supervised", "fixmatch"]},
+             "seeds": [0], "storage": root}
+    try:
+        ray.init(address=cluster.address)
+        summary = ray_adapter.run_study(load_study(write_study(tmp_path, study)), address=cluster.address,
+                                        verbose=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert summary.ok == 2, summary
+    df = ResultsStore(root).load()
+    nodes = {json.loads(n)[0] if isinstance(n, str) else list(n)[0] for n in df["nodes"]}
+    assert len(nodes) == 2  # one trial on each node
+    for t in df["trial_id"]:  # each trial's files are in one node's scratch only, and all of them in S3
+        local = [n for n, d in scratch.items() if any(d.glob(f"*/trials/{t}/checkpoint/state.pt"))]
+        assert len(local) == 1, local
+    assert ResultsStore(root).storage.exists(f"trials/{df['trial_id'][0]}/checkpoint/state.pt")
+    assert not (tmp_path / "store").exists()
