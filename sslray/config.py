@@ -90,19 +90,33 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+RESNET_BACKBONES = ("resnet18", "resnet50", "resnet101")
+# DINOv2 ViT/14 sizes for model.name: dpt (sslray.dpt); "tiny" is a test size for CPU tests and synthetic studies
+DINOV2_BACKBONES = tuple(f"dinov2_{s}{r}" for s in ("small", "base", "large", "giant", "tiny") for r in ("", "_reg4"))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "small"  # small | deeplabv3plus
-    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101 (deeplabv3plus)
-    pretrained: str | None = None  # local path to backbone weights; nothing is ever downloaded
+    name: str = "small"  # small | deeplabv3plus | dpt
+    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101 (deeplabv3plus); dinov2_small|base|large|giant[_reg4] (dpt)
+    pretrained: str | None = None  # local path to backbone weights (torchvision ResNet; DINOv2 Meta or timm layout)
     width: int = 32  # channel width of the small model
     output_stride: int = 16
     aspp_rates: tuple[int, ...] = (6, 12, 18)
     fp_dropout: float = 0.5  # UniMatch feature perturbation: Dropout2d on c1 and c4
+    patch_fit: str = "resize"  # dpt, input sides not a multiple of 14: resize (V2) | pad (zero-pad, crop logits)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.name == "dpt" and self.backbone not in DINOV2_BACKBONES:
+            return [("backbone", f"model dpt needs one of {list(DINOV2_BACKBONES)}, got {self.backbone!r}")]
+        if self.name == "deeplabv3plus" and self.backbone not in RESNET_BACKBONES:
+            return [("backbone", f"model deeplabv3plus needs one of {list(RESNET_BACKBONES)}, got {self.backbone!r}")]
+        return []
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    optimizer: str = "sgd"  # sgd (UniMatch V1: momentum, weight decay) | adamw (UniMatch V2: betas (0.9, 0.999))
     lr: float = 0.01  # backbone learning rate
     head_lr_mult: float = 10.0  # decoder/head group gets lr * head_lr_mult (UniMatch lr_multi)
     momentum: float = 0.9
@@ -136,7 +150,9 @@ class MethodConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     conf_thresh: float = 0.95  # tau: pseudo-labels with confidence below are masked out
     global_div: float = 1.0  # the total loss is sum(weight * term) / global_div (UniMatch's "/ 2")
-    mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll: the same batch rolled
+    mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll / flip: the same batch
+    # rolled by one / reversed (UniMatch V2: img.flip(0))
+    strong_dropout: str = "none"  # channel dropout on the encoder features of cat(s1, s2): none | complementary (V2) | independent
     terms: Mapping[str, Any] = field(default_factory=dict)  # term name -> sslray.methods.base.TermConfig (subclass)
 
 
@@ -145,7 +161,7 @@ class TrainConfig:
     iterations: int = 1000
     eval_every: int = 250  # iterations between evaluations (and checkpoints); the last iteration always evaluates
     amp: str = "none"  # none | bf16 | fp16 (autocast; bf16 is the GPU choice)
-    eval_model: str = "student"  # student | teacher
+    eval_model: str = "student"  # student | teacher | both (val/* = student, val_ema/* = EMA teacher, as V2 logs)
 
 
 @dataclass(frozen=True)
@@ -614,12 +630,15 @@ _RANGES: dict[tuple[type, str], Range] = {
     (AugConfig, "jitter"): Range(0.0, words="non-negative jitter strengths"),
 }
 _CHOICES = {
-    (ModelConfig, "backbone"): ("resnet18", "resnet50", "resnet101"),
+    (ModelConfig, "backbone"): RESNET_BACKBONES + DINOV2_BACKBONES,
+    (ModelConfig, "patch_fit"): ("resize", "pad"),
+    (OptimConfig, "optimizer"): ("sgd", "adamw"),
+    (MethodConfig, "strong_dropout"): ("none", "complementary", "independent"),
     (ModelConfig, "output_stride"): (8, 16),
     (TeacherConfig, "kind"): ("self", "ema"),
-    (MethodConfig, "mix_source"): ("batch", "roll"),
+    (MethodConfig, "mix_source"): ("batch", "roll", "flip"),
     (TrainConfig, "amp"): ("none", "bf16", "fp16"),
-    (TrainConfig, "eval_model"): ("student", "teacher"),
+    (TrainConfig, "eval_model"): ("student", "teacher", "both"),
     (RunConfig, "progress"): ("auto", "on", "off"),
 }
 _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dropout", "conf_thresh", "ema_alpha"}

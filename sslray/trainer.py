@@ -227,12 +227,24 @@ class _Parts:
     amp_dtype: torch.dtype | None
 
     def validate(self) -> dict[str, Any]:
-        """Evaluate the student (or the teacher, ``train.eval_model``) on the validation set, all ranks together."""
+        """Evaluate the student (or the teacher, ``train.eval_model``) on the validation set, all ranks together.
+
+        ``both`` (UniMatch V2's log): ``val/*`` from the student and ``val_ema/*`` from the EMA teacher (the student
+        alone when the method has no EMA teacher)."""
         cfg, data, ts = self.cfg, self.data, self.ts
-        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else self.model
-        return evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, self.runtime.device,
-                        data.class_names, data.ignore_index, self.runtime.rank, self.runtime.world_size,
-                        self.amp_dtype, per_image=True)
+        mode = cfg.train.eval_model
+        eval_model = ts.teacher.model if (mode == "teacher" and ts.teacher) else self.model
+        val = self._evaluate(eval_model, per_image=True)
+        if mode == "both" and ts.teacher is not None:
+            ema = self._evaluate(ts.teacher.model, per_image=False)
+            val.update({"val_ema/" + k.removeprefix("val/"): v for k, v in ema.items() if k != "val/confusion"})
+        return val
+
+    def _evaluate(self, model: nn.Module, per_image: bool) -> dict[str, Any]:
+        data, rt = self.data, self.runtime
+        return evaluate(model, data.val, data.num_classes, data.eval_mode, data.crop_size, rt.device,
+                        data.class_names, data.ignore_index, rt.rank, rt.world_size, self.amp_dtype,
+                        per_image=per_image)
 
 
 @dataclass
@@ -262,9 +274,7 @@ def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
     method.modules.to(device)
     backbone, head = model.param_groups()
     head = head + [p for p in method.modules.parameters() if p.requires_grad]  # method heads: head lr
-    optimizer = torch.optim.SGD(
-        [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult}],
-        lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    optimizer = _optimizer(cfg, backbone, head)
     student = model
     if runtime.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -275,6 +285,14 @@ def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
     # Dropout (FP) differs per rank, like independent GPUs; the stream itself is part of the checkpoint.
     torch.manual_seed(cfg.seed * 1009 + runtime.rank + 1)
     return _Parts(cfg, runtime, data, model, method, optimizer, ts, amp_dtype)
+
+
+def _optimizer(cfg: TrialConfig, backbone: list, head: list) -> torch.optim.Optimizer:
+    """SGD (UniMatch V1; momentum) or AdamW (UniMatch V2; betas (0.9, 0.999)); group 0 backbone, group 1 heads."""
+    groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult}]
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.999), weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
 def _resume_path(resume_from: str | None, ckpt_dir: str) -> str | None:
@@ -409,7 +427,9 @@ def _evaluate_and_save(parts: _Parts, progress: _Progress, metrics: dict[str, An
     parts.model.train()
     metrics = {**metrics, **val}
     if not progress.best or val["val/miou"] > progress.best.get("best/val/miou", -1):
-        progress.best = {"best/val/miou": val["val/miou"], "best/iteration": iteration}
+        progress.best = {**progress.best, "best/val/miou": val["val/miou"], "best/iteration": iteration}
+    if "val_ema/miou" in val and val["val_ema/miou"] > progress.best.get("best/val_ema/miou", -1):
+        progress.best = {**progress.best, "best/val_ema/miou": val["val_ema/miou"], "best_ema/iteration": iteration}
     metrics.update(progress.best)
     metrics["time/wall_s"] = time.perf_counter() - t_start
     progress.history.append({k: v for k, v in metrics.items() if k not in NOT_IN_HISTORY})

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from sslray.methods import fixmatch, meanteacher, supervised, unimatch
-from sslray.methods import guidedmix, ipixmatch, mllc, pcr
+from sslray.methods import guidedmix, ipixmatch, mllc, pcr, unimatch_v2
 from sslray.methods.base import Family, MethodModule, ModuleContext, Term, TermConfig, TermContext, world_size
 
 
@@ -59,8 +59,8 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The founding methods register their own terms, families and presets (sslray/methods/<name>.py).
-for _m in (ipixmatch, guidedmix, pcr, mllc):
+# UniMatch V2 and the founding methods register their own terms, families and presets (sslray/methods/<name>.py).
+for _m in (unimatch_v2, ipixmatch, guidedmix, pcr, mllc):
     TERMS.update(_m.TERMS)
     FAMILIES.update(_m.FAMILIES)
     METHOD_PRESETS.update(_m.PRESETS)
