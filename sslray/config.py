@@ -116,12 +116,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"  # sgd (UniMatch V1: momentum, weight decay) | adamw (UniMatch V2: betas (0.9, 0.999))
     lr: float = 0.01  # backbone learning rate
     head_lr_mult: float = 10.0  # decoder/head group gets lr * head_lr_mult (UniMatch lr_multi)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    optimizer: str = "sgd"  # sgd (UniMatch V1: momentum, weight decay) | adamw (UniMatch V2: betas (0.9, 0.999))
 
 
 @dataclass(frozen=True)
