@@ -298,3 +298,36 @@ def test_v2_trains_and_evaluates_student_and_teacher(tmp_path):
         assert key in out, key
     assert "val_ema/confusion" not in out.history[-1] and len(reports) == 2
     assert out["best/val_ema/miou"] == max(r["val_ema/miou"] for r, _ in reports)
+
+
+# ---------------------------------------------------------------- the studies
+
+
+@pytest.mark.parametrize("study,dataset,epochs,crop,per_gpu", [
+    ("voc_classic_v2", "pascal", 60, 518, 4), ("cityscapes_v2", "cityscapes", 180, 798, 2)])
+def test_v2_studies_follow_v2s_recipe(study, dataset, epochs, crop, per_gpu):
+    import math
+    import os
+
+    from sslray.study import load_paper_numbers, load_study
+    from test_paper_studies import DOCUMENTED, REPO
+
+    s = load_study(os.path.join(REPO, "studies", f"{study}.yaml"))
+    trials = s.trials()
+    assert {t.config.method.name for t in trials} == {"supervised", "unimatch_v2", *(
+        f"unimatch_v2+{m}" for m in ("ipixmatch", "guidedmix", "pcr", "mllc"))}
+    assert s.resources.workers == 4  # V2: 4 GPUs
+    for t in trials:
+        c = t.config
+        n_unl = DOCUMENTED[f"{dataset}/{c.data.partition}"][1]
+        # V2's len(trainloader_u): DistributedSampler over 4 GPUs, per_gpu images per GPU, drop_last
+        assert c.train.iterations == epochs * (math.ceil(n_unl / 4) // per_gpu), c.data.partition
+        assert c.train.eval_every in (c.train.iterations // epochs, 4 * (c.train.iterations // epochs))
+        assert (c.data.crop_size, c.data.batch_size_x, c.data.batch_size_u) == (crop, 4 * per_gpu, 4 * per_gpu)
+        assert (c.model.name, c.model.backbone) == ("dpt", "dinov2_base")
+        o = c.optim
+        assert (o.optimizer, o.lr, o.head_lr_mult, o.weight_decay, o.poly_power) == ("adamw", 5e-6, 40.0, 0.01, 0.9)
+        assert c.train.eval_model == "both" and c.method.conf_thresh == 0.95
+    paper = load_paper_numbers(os.path.join(REPO, "studies", s.report.paper_numbers))
+    assert paper.numbers[("unimatch_v2", "92" if dataset == "pascal" else "1_16")] == (86.3 if dataset == "pascal"
+                                                                                       else 83.6)
