@@ -17,7 +17,8 @@ studies. No DINOv2 weights exist for it.
 
 The encoder returns the four blocks' patch tokens after the final LayerNorm (DINOv2's ``get_intermediate_layers``
 with ``norm=True``, which V2 calls; timm's ``forward_intermediates(norm=True)``), class and register tokens
-dropped, as [B, C, H/14, W/14]. Attention uses ``scaled_dot_product_attention`` (timm's ``fused_attn``, switched on
+dropped, as [B, C, H/14, W/14]. timm resamples the position embedding (bicubic) for grids other than the 37 x 37 of
+518 px; Meta's code (which V2 runs) interpolates with a 0.1 offset, so away from 518 px the two differ slightly. Attention uses ``scaled_dot_product_attention`` (timm's ``fused_attn``, switched on
 for every block here; :attr:`DPTSegModel.uses_sdpa` reports it).
 
 **Inputs that are not a multiple of 14** (``model.patch_fit``): ``resize`` (default; V2's evaluation) resizes the
@@ -143,15 +144,19 @@ class ResidualConvUnit(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """(path [+ RCU(skip)]) -> RCU -> bilinear resize (to ``size``, else x2; align_corners=True) -> 1x1 conv."""
+    """(path [+ RCU(skip)]) -> RCU -> bilinear resize (to ``size``, else x2; align_corners=True) -> 1x1 conv.
 
-    def __init__(self, ch: int):
+    The deepest block has no skip, so no ``res1`` (V2 builds one it never uses, and so needs DDP's
+    ``find_unused_parameters``; here every parameter gets a gradient)."""
+
+    def __init__(self, ch: int, skip: bool = True):
         super().__init__()
-        self.res1, self.res2 = ResidualConvUnit(ch), ResidualConvUnit(ch)
+        self.res1 = ResidualConvUnit(ch) if skip else None
+        self.res2 = ResidualConvUnit(ch)
         self.out_conv = nn.Conv2d(ch, ch, 1)
 
     def forward(self, path: Tensor, skip: Tensor | None = None, size: torch.Size | None = None) -> Tensor:
-        if skip is not None:
+        if skip is not None and self.res1 is not None:
             path = path + self.res1(skip)
         path = self.res2(path)
         if size is None:
@@ -173,7 +178,7 @@ class DPTHead(nn.Module):
                                      nn.ConvTranspose2d(o[1], o[1], 2, stride=2), nn.Identity(),
                                      nn.Conv2d(o[3], o[3], 3, stride=2, padding=1)])
         self.layer_rn = nn.ModuleList([nn.Conv2d(c, features, 3, padding=1, bias=False) for c in o])
-        self.fusion = nn.ModuleList([FusionBlock(features) for _ in o])  # [0] is the last (finest) fusion
+        self.fusion = nn.ModuleList([FusionBlock(features, skip=i < 3) for i in range(4)])  # [0]: the finest
         self.conv = nn.Conv2d(features, features, 3, padding=1)
         self.classifier = nn.Conv2d(features, num_classes, 1)
 

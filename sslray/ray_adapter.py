@@ -435,7 +435,7 @@ def _summary(grid, layout: StudyStorage, todo: list[PlannedTrial], skipped: list
     return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
 
 
-_METRIC_PREFIXES = ("train/", "val/", "best/", "time/", "mem/")
+_METRIC_PREFIXES = ("train/", "val/", "val_ema/", "best/", "time/", "mem/")
 
 
 def _store_unreturned(grid, layout: StudyStorage) -> None:

@@ -49,7 +49,8 @@ TRIAL_FILE = re.compile(r"[0-9a-f]{64}\.parquet")
 # be a failed trial or a supervised one, and must still see the columns of the others.
 STANDARD_METRICS = ("iteration", "val/miou", "val/pixel_acc", "val/confusion", "best/val/miou", "best/iteration",
                     "train/loss", "train/lr", "train/mask_ratio", "train/pseudo_acc", "time/step_s",
-                    "time/images_per_s", "time/wall_s", "mem/peak_mb", "resumed_from", "val/per_image")
+                    "time/images_per_s", "time/wall_s", "mem/peak_mb", "resumed_from", "val/per_image",
+                    "val_ema/miou", "val_ema/pixel_acc", "best/val_ema/miou", "best_ema/iteration")  # eval_model: both
 # JSON-encoded arrays of the final evaluation: in the row, never in the history files.
 ARRAY_METRICS = ("val/confusion", "val/per_image")
 VERSIONED_PACKAGES = ("torch", "torchvision", "ray", "optuna", "pandas", "pyarrow", "wandb", "sslray")

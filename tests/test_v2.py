@@ -283,6 +283,8 @@ def test_one_step_of_every_founding_method_on_v2(name, extra):
     opt.zero_grad()
     losses["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone)
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused  # DDP without find_unused_parameters needs every parameter in the graph
     opt.step()
     ts.after_optimizer_step()
     method.after_step(out)
