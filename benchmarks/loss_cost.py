@@ -140,6 +140,19 @@ def measure_memory(args, method: str, overrides: list[str], crop: int, bx: int, 
     return json.loads(proc.stdout)
 
 
+def _peak_rss_kb() -> int:
+    """This process's peak resident set in KiB: Linux's VmHWM, which starts afresh at exec. ``ru_maxrss`` does not:
+    a child spawned by a parent holding several models reports at least the parent's RSS at fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _mem_child(args) -> dict:
     setup = Setup(args.methods[0], args, args.overrides)
     device = setup.device
@@ -147,7 +160,7 @@ def _mem_child(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.max_memory_allocated(device)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_rss_kb()
     diag = {}
     for _ in range(args.mem_steps):
         diag = setup.step()
@@ -156,7 +169,7 @@ def _mem_child(args) -> dict:
         peak_mb, extra_mb = torch.cuda.max_memory_allocated(device) / 2**20, (
             torch.cuda.max_memory_allocated(device) - before) / 2**20
     else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = _peak_rss_kb()
         peak_mb, extra_mb = rss / 1024, (rss - before) / 1024
     return {"peak_mb": peak_mb, "step_growth_mb": extra_mb, "diagnostics": diag}
 
