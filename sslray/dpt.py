@@ -17,9 +17,10 @@ studies. No DINOv2 weights exist for it.
 
 The encoder returns the four blocks' patch tokens after the final LayerNorm (DINOv2's ``get_intermediate_layers``
 with ``norm=True``, which V2 calls; timm's ``forward_intermediates(norm=True)``), class and register tokens
-dropped, as [B, C, H/14, W/14]. timm resamples the position embedding (bicubic) for grids other than the 37 x 37 of
-518 px; Meta's code (which V2 runs) interpolates with a 0.1 offset, so away from 518 px the two differ slightly. Attention uses ``scaled_dot_product_attention`` (timm's ``fused_attn``, switched on
-for every block here; :attr:`DPTSegModel.uses_sdpa` reports it).
+dropped, as [B, C, H/14, W/14]. timm resamples the position embedding (bicubic) for grids other than the 37 x 37
+of 518 px; Meta's code (which V2 runs) interpolates with a 0.1 offset, so away from 518 px the two differ slightly.
+Attention uses ``scaled_dot_product_attention`` (timm's ``fused_attn``, switched on for every block here;
+:attr:`DPTSegModel.uses_sdpa` reports it).
 
 **Inputs that are not a multiple of 14** (``model.patch_fit``): ``resize`` (default; V2's evaluation) resizes the
 image bilinearly (align_corners=True) to the nearest multiple of 14 per side (``int(s / 14 + 0.5) * 14``, at least
