@@ -144,7 +144,7 @@ class MethodConfig:
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 250  # iterations between evaluations (and checkpoints); the last iteration always evaluates
-    amp: str = "none"  # none | bf16 | fp16 (autocast; bf16 is the GPU choice)
+    amp: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | none (fp32) | bf16 | fp16 (CUDA only)
     eval_model: str = "student"  # student | teacher
 
 
@@ -159,6 +159,12 @@ class RunConfig:
     num_workers: int = 0  # DataLoader worker processes
     checkpoint: bool = True
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # Throughput (README "On GPUs"; sslray.throughput): auto = on for CUDA, off on CPU.
+    channels_last: str = "auto"  # auto | on | off: NHWC model and inputs
+    optimizer_impl: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop
+    compile: str = "off"  # off | on: torch.compile of the model (compile time not yet measured to pay back)
+    cudnn_benchmark: str = "auto"  # auto | on | off
+    finite_check_every: int = 0  # read the device-side NaN flag every N steps too (0: at log/eval points only)
 
 
 @dataclass(frozen=True)
@@ -618,7 +624,11 @@ _CHOICES = {
     (ModelConfig, "output_stride"): (8, 16),
     (TeacherConfig, "kind"): ("self", "ema"),
     (MethodConfig, "mix_source"): ("batch", "roll"),
-    (TrainConfig, "amp"): ("none", "bf16", "fp16"),
+    (TrainConfig, "amp"): ("auto", "none", "bf16", "fp16"),
+    (RunConfig, "channels_last"): ("auto", "on", "off"),
+    (RunConfig, "optimizer_impl"): ("auto", "fused", "foreach", "for_loop"),
+    (RunConfig, "compile"): ("off", "on"),
+    (RunConfig, "cudnn_benchmark"): ("auto", "on", "off"),
     (TrainConfig, "eval_model"): ("student", "teacher"),
     (RunConfig, "progress"): ("auto", "on", "off"),
 }
@@ -626,7 +636,7 @@ _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dro
 _POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
              "log_every", "global_div", "crop_size", "temperature", "max_nodes"}
 _NON_NEGATIVE = {"seed", "split_seed", "lr", "head_lr_mult", "momentum", "weight_decay", "poly_power",
-                 "num_workers", "threads"}
+                 "num_workers", "threads", "finite_check_every"}
 
 
 def _check(obj: Any, path: str, source: str | None) -> None:

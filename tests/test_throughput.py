@@ -1,0 +1,117 @@
+"""The GPU path on CPU: no host read in the step, the NaN guarantee kept, throughput settings, packing checks."""
+import pytest
+import torch
+
+from sslray import trainer
+from sslray.config import ConfigError, TrialConfig
+from sslray.methods import Method, NonFiniteLossError
+from sslray.throughput import (FiniteGuard, count_host_reads, memory_check, memory_estimate_mb, optimizer_kwargs,
+                               resolve)
+from sslray.trainer import Runtime, fit
+
+TINY = {
+    "name": "tiny",
+    "data": {"partition": "4", "batch_size_x": 2, "batch_size_u": 2, "crop_size": 32,
+             "synthetic": {"size": 32, "num_train": 12, "num_val": 2}},
+    "model": {"width": 8},
+    "optim": {"lr": 0.05, "head_lr_mult": 1.0},
+    "train": {"iterations": 6, "eval_every": 6},
+    "run": {"log_every": 3, "progress": "off", "threads": 1, "checkpoint": False},
+}
+
+
+def tiny(**dotted) -> TrialConfig:
+    return TrialConfig.from_dict(TINY).replace(**dotted)
+
+
+def test_counter_sees_a_host_read():
+    """The instrument itself can fail: the old per-step check (float of the loss, a bool of isfinite) counts."""
+    loss = torch.tensor(1.0)
+    with count_host_reads() as counts:
+        bool(torch.isfinite(loss))
+        float(loss)
+        loss.item()
+    assert counts == {"__bool__": 1, "__float__": 1, "item": 1}
+    assert not isinstance(torch.Tensor.item, type(test_counter_sees_a_host_read))  # restored
+
+
+@pytest.mark.parametrize("method", ["supervised", "unimatch", "meanteacher"])
+def test_step_reads_nothing_back(tmp_path, monkeypatch, method):
+    steps = []
+
+    def counted(*args, **kwargs):
+        with count_host_reads() as counts:
+            step(*args, **kwargs)
+        steps.append(dict(counts))
+
+    step = trainer._train_step
+    monkeypatch.setattr(trainer, "_train_step", counted)
+    fit(tiny(**{"method.name": method, "method.conf_thresh": 0.5}), Runtime(), None, out_dir=str(tmp_path))
+    assert steps == [{}] * 6
+
+
+def _poison(monkeypatch, at: int, term: str | None):
+    """Method.losses returning NaN for ``term`` (None: an inf total with finite terms) at iteration ``at``."""
+    losses, seen = Method.losses, []
+
+    def poisoned(self, out, iteration=None):
+        seen.append(out.iteration)
+        got = losses(self, out, iteration)
+        if out.iteration == at:
+            if term is None:
+                got["loss"] = got["loss"] * float("inf")
+            else:
+                got[f"loss/{term}"] = got[f"loss/{term}"] * float("nan")
+                got["loss"] = got["loss"] + got[f"loss/{term}"]
+        return got
+
+    monkeypatch.setattr(Method, "losses", poisoned)
+    return seen
+
+
+@pytest.mark.parametrize("every,last_step", [(0, 7), (2, 5)])
+def test_nan_named_exactly_at_the_next_check(tmp_path, monkeypatch, every, last_step):
+    """NaN at iteration 5 in u_s1: read back at the evaluation after step 7 (``finite_check_every: 0``) or after
+    step 5 (every 2 steps), never checkpointed or reported, and named as iteration 5, term u_s1, either way."""
+    stepped = _poison(monkeypatch, 5, "u_s1")
+    seen = []
+    cfg = tiny(**{"method.name": "fixmatch", "method.conf_thresh": 0.0, "train.iterations": 8,
+                  "train.eval_every": 4, "run.log_every": 100, "run.finite_check_every": every})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration 5: term 'u_s1' = nan") as e:
+        fit(cfg, Runtime(), lambda m, c: seen.append(m["iteration"]), out_dir=str(tmp_path))
+    assert (e.value.iteration, e.value.term) == (5, "u_s1")
+    assert seen == [4] and stepped[-1] == last_step
+
+
+def test_guard_first_bad_iteration_wins_and_total_named():
+    g = FiniteGuard()
+    ok = {"loss": torch.tensor(1.0), "loss/x": torch.tensor(1.0)}
+    g.watch(ok, 0)
+    g.check()
+    g.watch({"loss": torch.tensor(float("inf")), "loss/x": torch.tensor(2.0)}, 1)
+    g.watch({"loss": torch.tensor(float("nan")), "loss/x": torch.tensor(float("nan"))}, 2)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 1: term 'total' = inf"):
+        g.check()
+
+
+def test_settings_resolve_auto_per_device():
+    cfg = tiny()
+    cpu = resolve(cfg, torch.device("cpu")).describe()
+    assert cpu == {"precision": "fp32", "channels_last": False, "optimizer_impl": "foreach", "compile": False,
+                   "cudnn_benchmark": False}
+    on = resolve(cfg.replace(**{"train.amp": "bf16", "run.channels_last": "on", "run.optimizer_impl": "fused"}),
+                 torch.device("cpu")).describe()
+    assert on["precision"] == "bf16" and on["channels_last"] and on["optimizer_impl"] == "fused"
+    assert optimizer_kwargs("auto", torch.device("cuda")) == {"fused": True}
+    with pytest.raises(ConfigError, match="run.channels_last: expected one of"):
+        tiny(**{"run.channels_last": "yes"})
+    with pytest.raises(ConfigError, match="run.finite_check_every: expected a non-negative"):
+        tiny(**{"run.finite_check_every": -1})
+
+
+def test_throughput_settings_train_on_cpu(tmp_path):
+    """bf16 autocast, channels_last and the fused optimizer together train a step (CPU supports all three)."""
+    cfg = tiny(**{"method.name": "unimatch", "train.amp": "bf16", "run.channels_last": "on",
+                  "run.optimizer_impl": "fused", "train.iterations": 2, "train.eval_every": 2})
+    out = fit(cfg, Runtime(), None, out_dir=str(tmp_path))
+    assert out["iteration"] == 2 and 0 <= out["val/miou"] <= 100
