@@ -86,6 +86,7 @@ class DataConfig:
     batch_size_x: int = 8  # global labeled batch (split across DDP ranks)
     batch_size_u: int = 8  # global unlabeled batch
     eval_mode: str | None = None  # original | center_crop | sliding_window; None: the dataset spec's
+    augment_on: str = "loader"  # loader | device: where the strong views are made (sslray.data.device_augs)
     aug: AugConfig = field(default_factory=AugConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -625,6 +626,7 @@ _CHOICES = {
     (TeacherConfig, "kind"): ("self", "ema"),
     (MethodConfig, "mix_source"): ("batch", "roll"),
     (TrainConfig, "amp"): ("auto", "none", "bf16", "fp16"),
+    (DataConfig, "augment_on"): ("loader", "device"),
     (RunConfig, "channels_last"): ("auto", "on", "off"),
     (RunConfig, "optimizer_impl"): ("auto", "fused", "foreach", "for_loop"),
     (RunConfig, "compile"): ("off", "on"),

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from sslray.config import TrialConfig
 from sslray.data.datasets import build_data, make_loader
+from sslray.data.device_augs import PARAMS_KEY, augment_batch
 from sslray.evaluate import evaluate
 from sslray.methods import build_method
 from sslray.models import build_model
@@ -183,9 +184,14 @@ def _step_diagnostics(out, conf_thresh: float, batch_u: dict | None) -> dict[str
 
 
 def _to(batch: dict | None, device: torch.device, channels_last: bool = False) -> dict | None:
+    """A collated batch on the device (``host_*`` keys stay on the host), its strong views made there under
+    ``data.augment_on: device``, images channels_last when asked."""
     if batch is None:
         return None
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and not k.startswith("host_") else v
+           for k, v in batch.items()}
+    if PARAMS_KEY in out:
+        out = augment_batch(out)
     if channels_last:  # images only (4-D float); masks and boxes keep their layout
         out = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4
                and v.is_floating_point() else v for k, v in out.items()}
