@@ -166,6 +166,7 @@ class RunConfig:
     compile: str = "off"  # off | on: torch.compile of the model (compile time not yet measured to pay back)
     cudnn_benchmark: str = "auto"  # auto | on | off
     finite_check_every: int = 0  # read the device-side NaN flag every N steps too (0: at log/eval points only)
+    gpu_memory_fraction: float = 0  # this trial's share of its GPU (set from resources.gpus_per_worker < 1); 0: all
 
 
 @dataclass(frozen=True)
@@ -619,6 +620,7 @@ _RANGES: dict[tuple[type, str], Range] = {
     (OptimConfig, "momentum"): Range(0.0, 1.0, words="a value in [0, 1]"),
     (ModelConfig, "aspp_rates"): Range(1, words="dilation rates >= 1"),
     (AugConfig, "jitter"): Range(0.0, words="non-negative jitter strengths"),
+    (RunConfig, "gpu_memory_fraction"): Range(0.0, 1.0, words="a fraction in [0, 1]"),
 }
 _CHOICES = {
     (ModelConfig, "backbone"): ("resnet18", "resnet50", "resnet101"),

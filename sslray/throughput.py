@@ -167,6 +167,10 @@ def memory_estimate_mb(n_params: int, probe_peak_mb: float | None = None, headro
     return base * headroom
 
 
+class DoesNotFit(MemoryError):
+    """A trial that would not fit its share of a GPU: deterministic, so it fails without a retry."""
+
+
 def memory_check(need_mb: float, gpu_fraction: float, device_total_mb: float, what: str = "trial") -> None:
     """Refuse a trial whose estimate exceeds its share of the device (``gpu_fraction x device_total_mb``) with
     the numbers; a fraction of 1 or more (a whole GPU per worker) is checked against the whole device."""
@@ -174,5 +178,42 @@ def memory_check(need_mb: float, gpu_fraction: float, device_total_mb: float, wh
     if need_mb > share:
         per_gpu = max(1, math.floor(device_total_mb / need_mb)) if need_mb <= device_total_mb else 0
         hint = f"; at most {per_gpu} such trials fit one GPU" if per_gpu else "; it does not fit one whole GPU"
-        raise MemoryError(f"resources.gpus_per_worker: {what} needs ~{need_mb:.0f} MiB but its share "
+        raise DoesNotFit(f"resources.gpus_per_worker: {what} needs ~{need_mb:.0f} MiB but its share "
                           f"{gpu_fraction:g} x {device_total_mb:.0f} MiB = {share:.0f} MiB{hint}")
+
+
+class MemoryGuard:
+    """A trial's share of a GPU (``run.gpu_memory_fraction``, set from ``resources.gpus_per_worker < 1`` by the Ray
+    adapter; 0 = the whole device, no checks). :meth:`start` refuses a model whose parameter-state lower bound
+    already exceeds the share and caps this process's allocator at the share
+    (``torch.cuda.set_per_process_memory_fraction``) so a packed trial cannot take its neighbours' memory;
+    :meth:`probing` wraps the first step (the measured probe): an out-of-memory there, or a peak that leaves less
+    than the headroom, refuses the trial with the numbers before it trains on."""
+
+    def __init__(self, fraction: float, device: torch.device):
+        self.active = fraction > 0 and device.type == "cuda"
+        self.fraction, self.device = fraction, device
+        self.total_mb = torch.cuda.get_device_properties(device).total_memory / 2**20 if self.active else 0.0
+
+    def start(self, model: torch.nn.Module) -> None:
+        if not self.active:
+            return
+        n_params = sum(p.numel() for p in model.parameters())
+        memory_check(memory_estimate_mb(n_params), self.fraction, self.total_mb, "the model's weights and state")
+        torch.cuda.set_per_process_memory_fraction(min(self.fraction, 1.0), self.device)
+
+    @contextmanager
+    def probing(self, first: bool) -> Iterator[None]:
+        if not (self.active and first):
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            raise DoesNotFit(f"resources.gpus_per_worker: the first training step ran out of memory at ~{peak:.0f} "
+                             f"MiB of its share {self.fraction:g} x {self.total_mb:.0f} MiB") from None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        memory_check(memory_estimate_mb(0, probe_peak_mb=peak), self.fraction, self.total_mb,
+                     "the trial (measured first step, +10 % headroom)")

@@ -41,7 +41,7 @@ from sslray.methods import build_method
 from sslray.models import build_model
 from sslray.storage import CHECKPOINT_FILE, atomic_write, checkpoint_dir
 from sslray.teacher_student import TeacherStudent
-from sslray.throughput import FiniteGuard, Settings, apply_to_model, resolve
+from sslray.throughput import FiniteGuard, MemoryGuard, Settings, apply_to_model, resolve
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 # Per-evaluation arrays kept only for the final metrics (the results row), not in every history entry.
@@ -232,6 +232,7 @@ class _Parts:
     ts: TeacherStudent
     amp_dtype: torch.dtype | None
     settings: Settings = field(default_factory=Settings)
+    memory: MemoryGuard | None = None
 
     def validate(self) -> dict[str, Any]:
         """Evaluate the student (or the teacher, ``train.eval_model``) on the validation set, all ranks together."""
@@ -264,6 +265,8 @@ def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     settings = resolve(cfg, device)
     model = apply_to_model(build_model(cfg.model, data.num_classes).to(device), settings)
+    memory = MemoryGuard(cfg.run.gpu_memory_fraction, device)
+    memory.start(model)  # a packed trial (resources.gpus_per_worker < 1) that cannot fit is refused here
     if runtime.world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     method = build_method(cfg.method, data.num_classes, data.ignore_index, model.feature_dims, cfg.train.iterations)
@@ -285,7 +288,7 @@ def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
         model.compile()
     # Dropout (FP) differs per rank, like independent GPUs; the stream itself is part of the checkpoint.
     torch.manual_seed(cfg.seed * 1009 + runtime.rank + 1)
-    return _Parts(cfg, runtime, data, model, method, optimizer, ts, amp_dtype, settings)
+    return _Parts(cfg, runtime, data, model, method, optimizer, ts, amp_dtype, settings, memory)
 
 
 def _resume_path(resume_from: str | None, ckpt_dir: str) -> str | None:
@@ -363,7 +366,8 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     for it in range(progress.start, total):
         batches = next_batches()
         lr = _set_lr(parts.optimizer, cfg, it)
-        _train_step(parts, batches, it, guard, meter)
+        with parts.memory.probing(first=it == progress.start):  # the first step measures a packed trial's peak
+            _train_step(parts, batches, it, guard, meter)
         log.steps += 1
         bar.step()
 

@@ -140,3 +140,68 @@ def test_bf16_step_loss_close_to_fp32(tmp_path, model):
     for k in ("loss", "loss/x"):
         assert bf16[k] == pytest.approx(fp32[k], rel=BF16_TOL[k]), k
     assert (labels32 == labels16).float().mean() >= BF16_TOL["agree"]
+
+
+# ------------------------------------------------------------------------------------------- trial packing
+
+def test_memory_check_refuses_with_the_numbers():
+    """Pure arithmetic with a device total given (an 80 GiB H100): a 30 GiB trial does not fit a quarter."""
+    from sslray.throughput import DoesNotFit
+
+    memory_check(15000, 0.25, 81920)  # fits 20480 MiB
+    with pytest.raises(DoesNotFit, match=r"trial needs ~30720 MiB but its share 0\.25 x 81920 MiB = 20480 MiB; "
+                                         r"at most 2 such trials fit one GPU"):
+        memory_check(30720, 0.25, 81920)
+    with pytest.raises(DoesNotFit, match="does not fit one whole GPU"):
+        memory_check(90000, 1, 81920)
+    # the parameter-state lower bound: 60 M params x 4 copies x 4 B = 916 MiB (+10 %); a probe's peak wins
+    assert memory_estimate_mb(60_000_000) == pytest.approx(60e6 * 16 / 2**20 * 1.1)
+    assert memory_estimate_mb(60_000_000, probe_peak_mb=5000) == pytest.approx(5500)
+
+
+def test_memory_guard_is_off_on_cpu():
+    from sslray.throughput import MemoryGuard
+
+    g = MemoryGuard(0.25, torch.device("cpu"))
+    assert not g.active
+    with g.probing(first=True):
+        pass
+
+
+def _study(tmp_path, resources):
+    import yaml
+
+    from sslray.study import load_study
+
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"name": "r", "base": {"train": {"iterations": 2}}, "seeds": [0, 1, 2, 3, 4],
+                                 "resources": resources}))
+    return load_study(str(p))
+
+
+def test_quarter_gpu_packs_four_trials_per_gpu(tmp_path):
+    from sslray.ray_adapter import max_concurrent, trial_resources
+
+    s = _study(tmp_path, {"gpus_per_worker": 0.25, "cpus_per_worker": 1})
+    assert trial_resources(s) == {"cpu": 1, "gpu": 0.25}
+    assert max_concurrent(s, {"CPU": 16.0, "GPU": 1.0}, 10) == 4
+    assert max_concurrent(s, {"CPU": 16.0, "GPU": 2.0}, 5) == 5
+
+
+@pytest.mark.parametrize("resources, needle", [
+    ({"gpus_per_worker": 1.5}, "resources.gpus_per_worker: expected a fraction in (0, 1] or a whole number of "
+                               "GPUs, got 1.5"),
+    ({"gpus_per_worker": 0.33333}, "resources.gpus_per_worker: expected a fraction with at most 4 decimals"),
+    ({"gpus_per_worker": 0.5, "workers": 2}, "resources.gpus_per_worker: a fraction of a GPU (0.5) packs "
+                                             "single-worker trials; with workers: 2 every worker needs a whole GPU"),
+])
+def test_fractional_gpus_validated(tmp_path, resources, needle):
+    with pytest.raises(ConfigError) as e:
+        _study(tmp_path, resources)
+    assert needle in str(e.value)
+    assert str(e.value).startswith(str(tmp_path / "s.yaml"))
+
+
+def test_gpu_memory_fraction_range():
+    with pytest.raises(ConfigError, match=r"run.gpu_memory_fraction: expected a fraction in \[0, 1\], got 1.5"):
+        tiny(**{"run.gpu_memory_fraction": 1.5})
