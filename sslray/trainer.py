@@ -256,12 +256,14 @@ class _Progress:
 STREAM_X, STREAM_U, STREAM_MIX = 0, 1, 2
 
 
-def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
-    """Data (split files under ``out_dir`` on rank 0), model, method, optimizer and the teacher-student step."""
+def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str, data: Any = None) -> _Parts:
+    """Data (split files under ``out_dir`` on rank 0), model, method, optimizer and the teacher-student step.
+    ``data``: already built data (``benchmarks/gpu.py`` passes only ``num_classes`` and ``ignore_index``)."""
     device = runtime.device
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    data = build_data(cfg.data, workdir=out_dir if runtime.is_main else None)
+    if data is None:
+        data = build_data(cfg.data, workdir=out_dir if runtime.is_main else None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     settings = resolve(cfg, device)
     model = apply_to_model(build_model(cfg.model, data.num_classes).to(device), settings)
