@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
         result["launcher_without_ray"] = f"torchrun --nproc-per-node {args.workers} (gloo)"
         result["train_overhead_per_trial_s"] = ray_per_trial - plain_total / args.n
         result["targets"]["train_overhead_per_trial_s"] = 3.0
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)  # other jobs on the machine inflate every time here
     print(json.dumps(result, indent=2))
     return result
 
