@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_reliability_faults import cmdline, descendants
 
 from sslray.results import ResultsStore
-from test_reliability_faults import cmdline, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.reliability, pytest.mark.ray, pytest.mark.slow]

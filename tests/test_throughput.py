@@ -5,8 +5,7 @@ import torch
 from sslray import trainer
 from sslray.config import ConfigError, TrialConfig
 from sslray.methods import Method, NonFiniteLossError
-from sslray.throughput import (FiniteGuard, count_host_reads, memory_check, memory_estimate_mb, optimizer_kwargs,
-                               resolve)
+from sslray.throughput import FiniteGuard, count_host_reads, memory_check, memory_estimate_mb, optimizer_kwargs, resolve
 from sslray.trainer import Runtime, fit
 
 TINY = {
