@@ -35,12 +35,12 @@ def list_methods() -> list[str]:
 
 
 def list_datasets() -> list[str]:
-    from sslray.data.datasets import list_datasets as _list
+    from sslray.registries import dataset_names  # the names only: no torch
 
-    return _list()
+    return dataset_names()
 
 
 def list_models() -> list[str]:
-    from sslray.models import list_models as _list
+    from sslray.registries import model_names
 
-    return _list()
+    return model_names()

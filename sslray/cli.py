@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Semi-supervised semantic segmentation studies: run grids, ablations and Optuna searches on "
                     "Ray, train single trials, and print paper-style comparison tables.",
         epilog="Run 'sslray COMMAND --help' for a command's options. Docs: README.md.")
+    p.add_argument("--version", action="version", version=f"sslray {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _train_parser(sub)
     _run_parser(sub)
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _version() -> str:
+    from sslray import __version__
+
+    return __version__
 
 
 def _plugin_argument(cmd: argparse.ArgumentParser) -> None:
@@ -434,14 +441,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Names from the registries without importing torch (``sslray.methods.registry``, ``sslray.registries``)."""
     import sslray
-    from sslray.methods import TERMS
+    from sslray.methods import METHOD_DOCS, TERMS
 
-    if args.what == "terms":
-        for name, term in TERMS.items():
-            print(f"{name:8s} {term.doc}")
+    if args.what in ("terms", "methods"):
+        docs = {n: t.doc for n, t in TERMS.items()} if args.what == "terms" else {
+            n: METHOD_DOCS.get(n, "(no description)") for n in sslray.list_methods()}
+        width = max(map(len, docs))
+        for name, doc in docs.items():
+            print(f"{name:{width}s}  {doc}")
         return EXIT_OK
-    items = {"methods": sslray.list_methods, "datasets": sslray.list_datasets, "models": sslray.list_models}
+    items = {"datasets": sslray.list_datasets, "models": sslray.list_models}
     print("\n".join(items[args.what]()))
     return EXIT_OK
 
