@@ -486,13 +486,20 @@ def _resources(section: Any, path: str) -> Resources:
 
 
 def _storage(value: Any, name: str, path: str) -> str:
-    if value is None:
-        return f"runs/{name}"
+    return f"runs/{name}" if value is None else check_storage_value(value, path, "storage")
+
+
+def check_storage_value(value: Any, source: str | None, key: str = "storage") -> str:
+    """The rules of a storage as written (``storage:`` in a study, ``--storage`` on the command line): a non-empty
+    path or URI that does not climb out with ``..``, and not a regular file. Returns it unchanged."""
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(path, "storage", f"expected a path or URI (a non-empty string), got {value!r}")
+        raise ConfigError(source, key, f"expected a path or URI (a non-empty string), got {value!r}")
     if ".." in re.split(r"[/\\]", value):  # every write of the study goes under this one directory
-        raise ConfigError(path, "storage", f"{value!r} climbs out with '..'; write the directory you mean "
-                                           "(absolute, or relative to where sslray runs) or pass --storage")
+        raise ConfigError(source, key, f"{value!r} climbs out with '..'; write the directory you mean "
+                                       "(absolute, or relative to where sslray runs)" +
+                                       ("" if key == "--storage" else " or pass --storage"))
+    if "://" not in value and os.path.lexists(value) and not os.path.isdir(value):
+        raise ConfigError(source, key, f"{value!r} is a file, not a storage directory")
     return value
 
 
