@@ -9,6 +9,7 @@
     sslray list {methods,terms,datasets,models}
     sslray data check --dataset NAME --root DIR [--split FILE ...]   scan a dataset, one line per problem
     sslray data synth --out DIR           write the synthetic default in the VOC layout (dataset synthetic_voc)
+    sslray export PATH ... --out FILE     the rows of one or more studies as one Parquet/CSV (sslray.load_results)
 
 The study commands (run, status, table, plot) share ``STUDY.yaml --storage DIR --set KEY=VALUE --plugin MODULE``:
 give every one of them the same ``--set`` a study was run with, since overrides change the trial ids.
@@ -55,7 +56,22 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["methods", "terms", "datasets", "models"])
     _plugin_argument(ls)
     _data_parser(sub)
+    _export_parser(sub)
     return p
+
+
+def _export_parser(sub) -> None:
+    e = sub.add_parser(
+        "export", help="write the stored rows of one or more studies as one Parquet or CSV file",
+        description="One row per trial (or per evaluation with --history) across studies, as sslray.load_results "
+                    "returns them, with a 'storage' column; Parquet keeps the nested columns (confusion matrix, "
+                    "per-image counts, versions, split hashes) and the units in the field metadata.",
+        epilog="Example: sslray export runs/quickstart runs/voc_classic --out all.parquet\n"
+               "         sslray export 'runs/*' --history --out history.csv",
+        formatter_class=_RAW)
+    e.add_argument("paths", nargs="+", help="study storage directories, study YAML files or glob patterns")
+    e.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    e.add_argument("--history", action="store_true", help="the per-evaluation rows instead of one row per trial")
 
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -544,6 +560,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sslray.results import load_results
+
+    if not args.out.endswith((".parquet", ".csv")):
+        raise ConfigError(None, "--out", f"expected a .parquet or .csv file, got {args.out!r}")
+    df = load_results(args.paths, history=args.history)
+    if len(df) == 0:
+        print(f"sslray: no stored rows in {', '.join(args.paths)}; nothing written", file=sys.stderr)
+        return EXIT_FAILED
+    from sslray.storage import atomic_write
+
+    if args.out.endswith(".csv"):
+        atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode()))
+    else:
+        atomic_write(args.out, lambda f: df.to_parquet(f, index=False))
+    print(f"wrote {len(df)} {'evaluation' if args.history else 'trial'} rows of {df['storage'].nunique()} "
+          f"storage(s), {len(df.columns)} columns, to {args.out}")
+    return EXIT_OK
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from sslray.data.synth_voc import write_synthetic_voc
@@ -574,7 +610,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "status": cmd_status, "table": cmd_table, "train": cmd_train,
-                "validate": cmd_validate, "list": cmd_list, "data": cmd_data, "plot": cmd_plot}
+                "validate": cmd_validate, "list": cmd_list, "data": cmd_data, "plot": cmd_plot, "export": cmd_export}
     try:
         load_plugins(getattr(args, "plugins", []))
         return commands[args.command](args)

@@ -324,7 +324,7 @@ def test_manifest_lists_what_reproduces_each_trial(planned, tmp_path):
     assert first[4] == planned[0].trial_id and first[6] == "labeled.txt=" + "ab" * 32
     assert first[7] == f"sslray train {planned[0].trial_id[:6]}.yaml"
     assert first[5] == "unknown (not a git checkout)" or re.fullmatch(r"[0-9a-f]{40}( \(dirty\))?", first[5])
-    assert listing.notes[0].startswith("package versions (every trial): ") and ", torch 2." in listing.notes[0]
+    assert listing.notes[0].startswith("package versions (every trial): ") and "torch 2." in listing.notes[0]
     assert {r[3] for r in listing.rows} == {"ok", "missing"}
 
 
