@@ -36,7 +36,7 @@ def ablation_table(study: "Study", df: "pd.DataFrame", metric: str | None = None
     cols = cols or (rep.cols if rep.cols != VARIANT else rep.rows)
     table = comparison_table(df, study.trials(unique=False), VARIANT, cols, metric or rep.metric, agg or rep.agg,
                              baseline=study.ablation.baseline)
-    notes = {study.ablation.baseline: "(full method)"}
+    notes = {study.ablation.baseline: "baseline (changes nothing)"}
     for label, over in study.ablation.variants.items():
         notes[label] = ", ".join(f"{k}={cell_label(v)}" for k, v in over.items())
     return dataclasses.replace(table, row_notes=notes, title="Ablation")
@@ -67,7 +67,8 @@ def per_class_table(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows
     labels, cells = cells_per_column(row_order, col_order, members, records, class_cols, value_of,
                                       "no val/confusion stored")
     key = rows if len(col_order) == 1 else f"{rows} / {cols}"
-    return Table(labels, class_cols, cells, "val/iou", None, key, "class", "last", "max", title="Per-class IoU")
+    return Table(labels, class_cols, cells, "val/iou", None, key, "class", "last", "max", title="Per-class IoU",
+                 keyed_header=False)
 
 
 def _confusion_iou(raw: Any) -> list[float] | None:
@@ -117,7 +118,7 @@ def pseudo_table(df: "pd.DataFrame", history: "pd.DataFrame", planned: list[Plan
     labels, cells = cells_per_column(row_order, col_order, members, records, list(spec), value_of, None)
     key = rows if len(col_order) == 1 else f"{rows} / {cols}"
     return Table(labels, [n for n, _, _ in PSEUDO_COLUMNS], cells, "train/mask_ratio", None, key, "quantity",
-                 title="Pseudo-label quality (%)", mark_best=False)
+                 title="Pseudo-label quality (%)", mark_best=False, keyed_header=False)
 
 
 # --------------------------------------------------------------------------------------------------
