@@ -3,7 +3,7 @@
     sslray run STUDY.yaml [--address auto] [--storage DIR] [--resume] [--set key=value ...] [--dry-run]
     sslray status STUDY.yaml [--set key=value ...]   which cells are done, failed (why), started, missing
     sslray table STUDY.yaml [--format markdown|latex|csv|html] [--per-class] [--pseudo] [--cost] [--manifest]
-    sslray plot STUDY.yaml [--kind efficiency|ablation|curves] [--format png|svg] [--out DIR]
+    sslray plot STUDY.yaml [--kind efficiency|ablation|curves] [--format png|svg|pdf] [--out DIR]
     sslray train [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
     sslray validate FILE.yaml ...         study files and trial configs
     sslray list {methods,terms,datasets,models}
@@ -192,7 +192,8 @@ def _plot_parser(sub) -> None:
     pl.add_argument("--kind", action="append", choices=["efficiency", "ablation", "curves"],
                     help="repeatable (default: all that apply)")
     pl.add_argument("--out", help="output directory (default: <storage>/plots)")
-    pl.add_argument("--format", default="png", choices=["png", "svg"])
+    pl.add_argument("--format", default="png", choices=["png", "svg", "pdf"],
+                    help="png (300 dpi), svg or pdf (text kept as text, not outlines)")
     pl.add_argument("--metric", help="default: report.metric (val/miou)")
     pl.add_argument("--agg", choices=["last", "best"], help="default: report.agg")
 
