@@ -428,6 +428,9 @@ def _table(study, storage: str, fmt: str, **over) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     study, storage = _load(args)
+    from sslray import tracking
+
+    tracking.settings_for(study, storage)  # an unknown WANDB_MODE is refused here, before anything starts
     if args.dry_run:
         return _dry_run(study, storage, args)
     from sslray import ray_adapter

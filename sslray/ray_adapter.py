@@ -159,7 +159,7 @@ def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, 
     outcome = _Outcome("failed", reason="the trial process stopped before it returned")
     try:
         result = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
-                     out_dir=out_dir)
+                     out_dir=out_dir, on_log=run.log if run else None)
         outcome = _Outcome("ok", result.metrics, result.history)
     except NonFiniteLossError as e:  # deterministic: retrying would fail the same way
         outcome = _Outcome("failed", reason=str(e))

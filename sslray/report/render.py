@@ -310,3 +310,31 @@ def frame(obj: "Table | Listing") -> "pd.DataFrame":
     plain = _Style(lambda s: s, lambda s: s, lambda s: s, " ± ", lambda s: s, MARK, "Δ")
     header, body = _grid(obj, plain, show_n=True, reasons=True)
     return pd.DataFrame(body, columns=header)
+
+
+def numeric_frame(obj: "Table | Listing") -> "pd.DataFrame":
+    """A table for a W&B Table or a notebook: numbers as numbers so they sort and chart. A Table is one row per
+    cell (row, column, mean, std, n, planned, status, delta, p_holm, significant) plus the formatted ``cell`` text
+    as ``sslray table`` prints it; a Listing keeps its columns, those that parse as numbers converted."""
+    import pandas as pd
+
+    if isinstance(obj, Listing):
+        df = pd.DataFrame(obj.rows, columns=obj.header)
+        for col in df.columns:
+            given = df[col].replace({"": None, "?": None})
+            converted = pd.to_numeric(given, errors="coerce")
+            if converted.notna().sum() and converted.notna().sum() == given.notna().sum():  # every value a number
+                df[col] = converted
+        return df
+    plain = _Style(lambda s: s, lambda s: s, lambda s: s, " ± ", lambda s: s, MARK, "Δ")
+    records = []
+    for r in obj.rows:
+        for c in obj.cols:
+            cell = obj.cells.get((r, c))
+            if cell is None:
+                continue
+            records.append({obj.row_key: r, obj.col_key: c, "mean": cell.mean, "std": cell.std, "n": cell.n,
+                            "planned": cell.planned, "status": cell.status, "delta": obj.delta(r, c),
+                            "p_holm": obj.p_holm.get((r, c)), "significant": bool(obj.significant(r, c)),
+                            "cell": _cell_text(obj, r, c, plain, True, True)})
+    return pd.DataFrame.from_records(records)
