@@ -1,6 +1,6 @@
 """The method registry, free of torch: loss terms, families and method presets, with a line of what each is.
 
-``TERMS`` maps a term name to its function (``"module:function"``, imported when a trial builds its method), its
+``TERMS`` maps a term name to its function (a ``Ref``, imported when a trial builds its method), its
 typed settings (``sslray.methods.settings``) and the views it needs; ``FAMILIES`` the heads and state that terms
 share; ``METHOD_PRESETS`` a method name to the plain dict ``MethodConfig`` is built from (user YAML is merged on
 top) and ``METHOD_DOCS`` to one line of what it is (``sslray list methods``). ``--plugin`` modules add entries to
@@ -14,73 +14,86 @@ from typing import Any
 from sslray.methods.settings import (EntropyDropConfig, GuidedMixConfig, IPixTermConfig, MLLCGraphConfig,
                                      MLLCPairConfig, MLLCProtoConfig, MLLCUnsupConfig, PCRConfig,
                                      SupervisedTermConfig, check_guidedmix, check_mllc, check_pcr)
-from sslray.methods.spec import Family, Term, TermConfig
+from sslray.methods.spec import Family, Ref, Term, TermConfig
 
-_M = "sslray.methods."
+
+def _method_module(name: str):
+    """A method module (it imports torch): explicit imports, late, when a trial builds its method."""
+    from sslray.methods import fixmatch, guidedmix, ipixmatch, meanteacher, mllc, pcr, supervised, unimatch
+
+    modules = {"fixmatch": fixmatch, "guidedmix": guidedmix, "ipixmatch": ipixmatch, "meanteacher": meanteacher,
+               "mllc": mllc, "pcr": pcr, "supervised": supervised, "unimatch": unimatch}
+    return modules[name]
+
+
+def _code(ref: str) -> Ref:
+    """``"module:attribute"`` of a method module as a Ref (nothing imported now)."""
+    module, attr = ref.split(":")
+    return Ref(lambda: getattr(_method_module(module), attr), f"sslray.methods.{ref}")
 
 TERMS: dict[str, Term] = {
-    "x": Term(_M + "supervised:loss_x", SupervisedTermConfig, frozenset(),
+    "x": Term(_code("supervised:loss_x"), SupervisedTermConfig, frozenset(),
               "supervised CE (or OHEM) on the labeled batch"),
-    "u_s1": Term(_M + "fixmatch:loss_u_s1", TermConfig, frozenset({"u", "s1"}),
+    "u_s1": Term(_code("fixmatch:loss_u_s1"), TermConfig, frozenset({"u", "s1"}),
                  "pseudo-label CE on strong view 1 with the CutMix-mixed target (UniMatch/FixMatch)"),
-    "u_s2": Term(_M + "fixmatch:loss_u_s2", TermConfig, frozenset({"u", "s2"}),
+    "u_s2": Term(_code("fixmatch:loss_u_s2"), TermConfig, frozenset({"u", "s2"}),
                  "pseudo-label CE on strong view 2 with its own CutMix-mixed target (UniMatch)"),
-    "u_fp": Term(_M + "unimatch:loss_u_fp", TermConfig, frozenset({"u", "fp"}),
+    "u_fp": Term(_code("unimatch:loss_u_fp"), TermConfig, frozenset({"u", "fp"}),
                  "pseudo-label CE on the feature-perturbed weak view (UniMatch FP)"),
-    "u_mse": Term(_M + "meanteacher:loss_u_mse", TermConfig, frozenset({"u", "s1"}),
+    "u_mse": Term(_code("meanteacher:loss_u_mse"), TermConfig, frozenset({"u", "s1"}),
                   "squared error between student and teacher class probabilities (classic Mean Teacher)"),
     # IPixMatch (sslray/methods/ipixmatch.py)
-    "ipix_s1": Term(_M + "ipixmatch:loss_ipix_s1", IPixTermConfig, frozenset({"u", "s1"}),
+    "ipix_s1": Term(_code("ipixmatch:loss_ipix_s1"), IPixTermConfig, frozenset({"u", "s1"}),
                     "IPixMatch inter-pixel relation: student on strong view 1 vs the box-1-mixed soft teacher",
                     family="ipixmatch"),
-    "ipix_s2": Term(_M + "ipixmatch:loss_ipix_s2", IPixTermConfig, frozenset({"u", "s2"}),
+    "ipix_s2": Term(_code("ipixmatch:loss_ipix_s2"), IPixTermConfig, frozenset({"u", "s2"}),
                     "IPixMatch inter-pixel relation: student on strong view 2 vs the box-2-mixed soft teacher",
                     family="ipixmatch"),
-    "ipix_fp": Term(_M + "ipixmatch:loss_ipix_fp", IPixTermConfig, frozenset({"u", "fp"}),
+    "ipix_fp": Term(_code("ipixmatch:loss_ipix_fp"), IPixTermConfig, frozenset({"u", "fp"}),
                     "IPixMatch inter-pixel relation: student's feature-perturbed weak view vs the soft teacher",
                     family="ipixmatch"),
-    "ipix_x": Term(_M + "ipixmatch:loss_ipix_x", IPixTermConfig, frozenset(),
+    "ipix_x": Term(_code("ipixmatch:loss_ipix_x"), IPixTermConfig, frozenset(),
                    "IPixMatch on labeled images (apply_on_labeled): student vs the one-hot labels",
                    family="ipixmatch"),
     # GuidedMix-Net (sslray/methods/guidedmix.py)
-    "guidedmix": Term(_M + "guidedmix:loss_guidedmix", GuidedMixConfig, frozenset({"u", "w"}),
+    "guidedmix": Term(_code("guidedmix:loss_guidedmix"), GuidedMixConfig, frozenset({"u", "w"}),
                       "GuidedMix-Net: labeled/unlabeled mixing with decoupling (mode code: mix head + focal; "
                       "paper: image mixup + pseudo masks)", family="guidedmix"),
-    "guidedmix_mix": Term(_M + "guidedmix:loss_guidedmix_mix", TermConfig, frozenset({"u", "w"}),
+    "guidedmix_mix": Term(_code("guidedmix:loss_guidedmix_mix"), TermConfig, frozenset({"u", "w"}),
                           "GuidedMix-Net paper mode: mixup CE on the mixed image (trains MITrans there)",
                           family="guidedmix"),
     # PCR and U2PL (sslray/methods/pcr.py)
-    "pcr_x": Term(_M + "pcr:loss_pcr_x", PCRConfig, frozenset(),
+    "pcr_x": Term(_code("pcr:loss_pcr_x"), PCRConfig, frozenset(),
                   "PCR prototype-head CE on sampled labeled pixels (keeps the prototypes discriminative)", family="pcr"),
-    "pcr_u": Term(_M + "pcr:loss_pcr_u", PCRConfig, frozenset({"u", "s1"}),
+    "pcr_u": Term(_code("pcr:loss_pcr_u"), PCRConfig, frozenset({"u", "s1"}),
                   "PCR consistency: prototype head on strong view 1 vs the teacher's confident pseudo-labels",
                   family="pcr"),
-    "u_drop": Term(_M + "pcr:loss_u_drop", EntropyDropConfig, frozenset({"u", "s1"}),
+    "u_drop": Term(_code("pcr:loss_u_drop"), EntropyDropConfig, frozenset({"u", "s1"}),
                    "U2PL entropy-filtered pseudo-label CE on strong view 1 (drop_percent schedule)", family="u2pl"),
     # MLLC (sslray/methods/mllc.py)
-    "mllc_x": Term(_M + "mllc:loss_mllc_x", MLLCGraphConfig, frozenset(),
+    "mllc_x": Term(_code("mllc:loss_mllc_x"), MLLCGraphConfig, frozenset(),
                    "MLLC: CE of every graph round's corrected logits on the labeled batch (holds the graph settings)",
                    family="mllc"),
-    "mllc_u": Term(_M + "mllc:loss_mllc_u", MLLCUnsupConfig, frozenset({"u", "s1"}),
+    "mllc_u": Term(_code("mllc:loss_mllc_u"), MLLCUnsupConfig, frozenset({"u", "s1"}),
                    "MLLC: confidence-fraction-weighted CE of every round on strong view 1 vs the pseudo-labels",
                    family="mllc"),
-    "mllc_proto": Term(_M + "mllc:loss_mllc_proto", MLLCProtoConfig, frozenset({"u", "s1"}),
+    "mllc_proto": Term(_code("mllc:loss_mllc_proto"), MLLCProtoConfig, frozenset({"u", "s1"}),
                        "MLLC inter-image: cosine/temperature CE against per-level EMA class prototypes",
                        family="mllc"),
-    "mllc_pair": Term(_M + "mllc:loss_mllc_pair", MLLCPairConfig, frozenset({"u", "s1"}),
+    "mllc_pair": Term(_code("mllc:loss_mllc_pair"), MLLCPairConfig, frozenset({"u", "s1"}),
                       "MLLC intra-image: BCE of pairwise feature cosines against label agreement (sampled nodes)",
                       family="mllc"),
 }
 
 FAMILIES: dict[str, Family] = {
-    "ipixmatch": Family(_M + "ipixmatch:build",
+    "ipixmatch": Family(_code("ipixmatch:build"),
                         "no heads or state; logs train/ipixmatch/nodes and train/ipixmatch/valid_frac"),
-    "guidedmix": Family(_M + "guidedmix:GuidedMixModule",
+    "guidedmix": Family(_code("guidedmix:GuidedMixModule"),
                         "GuidedMix-Net mixing head and optional MITrans (non-local) module", check_guidedmix),
-    "pcr": Family(_M + "pcr:build_pcr", "PCR class prototypes: grid sampler, momentum update, k-means initialisation",
+    "pcr": Family(_code("pcr:build_pcr"), "PCR class prototypes: grid sampler, momentum update, k-means initialisation",
                   check_pcr),
-    "u2pl": Family(_M + "pcr:build_u2pl", "U2PL entropy-drop schedule and supervised-only warm-up"),
-    "mllc": Family(_M + "mllc:build", "MLLC graph rounds (SLG + CLG), class counters for eta(t, c), per-level "
+    "u2pl": Family(_code("pcr:build_u2pl"), "U2PL entropy-drop schedule and supervised-only warm-up"),
+    "mllc": Family(_code("mllc:build"), "MLLC graph rounds (SLG + CLG), class counters for eta(t, c), per-level "
                                       "prototypes", check_mllc),
 }
 

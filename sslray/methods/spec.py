@@ -3,12 +3,11 @@ loss term), :class:`Family` (terms sharing heads or state) and :class:`NonFinite
 
 ``sslray.config`` builds ``MethodConfig`` from ``sslray.methods.registry`` (presets, terms and their settings
 classes), and the light commands (``sslray status``, ``table``, ``list``, ``validate``) load studies through it,
-so nothing here imports torch: a term's function and a family's builder are named as ``"module:attribute"`` and
-imported when a trial builds its method (a plugin may pass the callable itself).
+so nothing here imports torch: a term's function and a family's builder are a :class:`Ref` (the registry names the
+method module; it is imported when a trial builds its method), or the callable itself (a plugin's).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,12 +34,22 @@ def raise_problems(problems: list[tuple[str, str]]) -> None:
         raise ValueError(f"method.terms.{key}: {message}")
 
 
-def resolve(ref: "Callable[..., Any] | str") -> Callable[..., Any]:
-    """A callable, or ``"package.module:attribute"`` imported now."""
-    if callable(ref):
-        return ref
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+class Ref:
+    """Code named but not imported yet: ``load()`` returns it (the registry imports its method module, by an
+    explicit import statement: nothing is imported by a name read from input)."""
+
+    __slots__ = ("load", "name")
+
+    def __init__(self, load: Callable[[], Callable[..., Any]], name: str):
+        self.load, self.name = load, name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def resolve(ref: "Callable[..., Any] | Ref") -> Callable[..., Any]:
+    """The callable itself, or a :class:`Ref` loaded now."""
+    return ref.load() if isinstance(ref, Ref) else ref
 
 
 class Term:
@@ -49,20 +58,20 @@ class Term:
     ``needs`` names what the shared step must compute for it: ``u`` (unlabeled batch, teacher
     pseudo-labels), ``s1``/``s2`` (student on a strong view), ``fp`` (feature-perturbed weak view), ``w``
     (student on the weak view, with gradient, even under an EMA teacher). A term of a ``family`` is called
-    as ``fn(outputs, settings, ctx, module)`` with the family's shared ``MethodModule``. ``fn`` may be given as
-    ``"module:function"``; it is imported on first use (the registry stays free of torch).
+    as ``fn(outputs, settings, ctx, module)`` with the family's shared ``MethodModule``. ``fn`` may be a
+    :class:`Ref`, loaded on first use (the registry stays free of torch).
     """
 
     __slots__ = ("_fn", "config_cls", "needs", "doc", "family")
 
-    def __init__(self, fn: "Callable[..., Any] | str", config_cls: type, needs: frozenset[str], doc: str,
+    def __init__(self, fn: "Callable[..., Any] | Ref", config_cls: type, needs: frozenset[str], doc: str,
                  family: str | None = None):
         self._fn, self.config_cls, self.needs, self.doc, self.family = fn, config_cls, frozenset(needs), doc, family
 
     @property
     def fn(self) -> Callable[..., Any]:
-        if not callable(self._fn):
-            self._fn = resolve(self._fn)
+        if isinstance(self._fn, Ref):
+            self._fn = self._fn.load()
         return self._fn
 
     def __repr__(self) -> str:
@@ -74,20 +83,20 @@ class Family:
 
     ``check(active term settings)`` returns what is inconsistent across the family's terms as (``<term>.<setting>``,
     message) pairs; config validation calls it, so a study with such a method fails before anything starts.
-    ``build`` may be given as ``"module:attribute"`` (imported when a trial builds the method); ``check`` runs at
-    config time and must not need torch.
+    ``build`` may be a :class:`Ref` (loaded when a trial builds the method); ``check`` runs at config time and must
+    not need torch.
     """
 
     __slots__ = ("_build", "doc", "check")
 
-    def __init__(self, build: "Callable[..., Any] | str", doc: str,
+    def __init__(self, build: "Callable[..., Any] | Ref", doc: str,
                  check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None):
         self._build, self.doc, self.check = build, doc, check
 
     @property
     def build(self) -> Callable[..., Any]:
-        if not callable(self._build):
-            self._build = resolve(self._build)
+        if isinstance(self._build, Ref):
+            self._build = self._build.load()
         return self._build
 
 
