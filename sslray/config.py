@@ -86,6 +86,7 @@ class DataConfig:
     batch_size_x: int = 8  # global labeled batch (split across DDP ranks)
     batch_size_u: int = 8  # global unlabeled batch
     eval_mode: str | None = None  # original | center_crop | sliding_window; None: the dataset spec's
+    augment_on: str = "loader"  # loader | device: where the strong views are made (sslray.data.device_augs)
     aug: AugConfig = field(default_factory=AugConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -160,7 +161,7 @@ class MethodConfig:
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 250  # iterations between evaluations (and checkpoints); the last iteration always evaluates
-    amp: str = "none"  # none | bf16 | fp16 (autocast; bf16 is the GPU choice)
+    amp: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | none (fp32) | bf16 | fp16 (CUDA only)
     eval_model: str = "student"  # student | teacher | both (val/* = student, val_ema/* = EMA teacher, as V2 logs)
 
 
@@ -175,6 +176,13 @@ class RunConfig:
     num_workers: int = 0  # DataLoader worker processes
     checkpoint: bool = True
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # Throughput (README "On GPUs"; sslray.throughput): auto = on for CUDA, off on CPU.
+    channels_last: str = "auto"  # auto | on | off: NHWC model and inputs
+    optimizer_impl: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop
+    compile: str = "off"  # off | on: torch.compile of the model (compile time not yet measured to pay back)
+    cudnn_benchmark: str = "auto"  # auto | on | off
+    finite_check_every: int = 0  # read the device-side NaN flag every N steps too (0: at log/eval points only)
+    gpu_memory_fraction: float = 0  # this trial's share of its GPU (set from resources.gpus_per_worker < 1); 0: all
 
 
 @dataclass(frozen=True)
@@ -628,6 +636,7 @@ _RANGES: dict[tuple[type, str], Range] = {
     (OptimConfig, "momentum"): Range(0.0, 1.0, words="a value in [0, 1]"),
     (ModelConfig, "aspp_rates"): Range(1, words="dilation rates >= 1"),
     (AugConfig, "jitter"): Range(0.0, words="non-negative jitter strengths"),
+    (RunConfig, "gpu_memory_fraction"): Range(0.0, 1.0, words="a fraction in [0, 1]"),
 }
 _CHOICES = {
     (ModelConfig, "backbone"): RESNET_BACKBONES + DINOV2_BACKBONES,
@@ -637,7 +646,12 @@ _CHOICES = {
     (ModelConfig, "output_stride"): (8, 16),
     (TeacherConfig, "kind"): ("self", "ema"),
     (MethodConfig, "mix_source"): ("batch", "roll", "flip"),
-    (TrainConfig, "amp"): ("none", "bf16", "fp16"),
+    (TrainConfig, "amp"): ("auto", "none", "bf16", "fp16"),
+    (DataConfig, "augment_on"): ("loader", "device"),
+    (RunConfig, "channels_last"): ("auto", "on", "off"),
+    (RunConfig, "optimizer_impl"): ("auto", "fused", "foreach", "for_loop"),
+    (RunConfig, "compile"): ("off", "on"),
+    (RunConfig, "cudnn_benchmark"): ("auto", "on", "off"),
     (TrainConfig, "eval_model"): ("student", "teacher", "both"),
     (RunConfig, "progress"): ("auto", "on", "off"),
 }
@@ -645,7 +659,7 @@ _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dro
 _POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
              "log_every", "global_div", "crop_size", "temperature", "max_nodes"}
 _NON_NEGATIVE = {"seed", "split_seed", "lr", "head_lr_mult", "momentum", "weight_decay", "poly_power",
-                 "num_workers", "threads"}
+                 "num_workers", "threads", "finite_check_every"}
 
 
 def _check(obj: Any, path: str, source: str | None) -> None:

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
-TERMS: dict = {}
-FAMILIES: dict = {}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "unimatch_v2": {"teacher": {"kind": "ema", "ema_alpha": 0.996, "ema_warmup": True, "bn_stats": "ema"},
-                    "conf_thresh": 0.95, "global_div": 2.0, "mix_source": "flip", "strong_dropout": "complementary",
-                    "terms": {"x": {"weight": 1.0}, "u_s1": {"weight": 0.5}, "u_s2": {"weight": 0.5}}},
+# The preset (registered as "unimatch_v2" by sslray/methods/registry.py; this module imports nothing, like the
+# registry it stays free of torch). Its terms are the shared x / u_s1 / u_s2; the rest is settings.
+PRESET: dict[str, Any] = {
+    "teacher": {"kind": "ema", "ema_alpha": 0.996, "ema_warmup": True, "bn_stats": "ema"},
+    "conf_thresh": 0.95, "global_div": 2.0, "mix_source": "flip", "strong_dropout": "complementary",
+    "terms": {"x": {"weight": 1.0}, "u_s1": {"weight": 0.5}, "u_s2": {"weight": 0.5}},
 }
