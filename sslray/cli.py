@@ -328,9 +328,22 @@ def _print_plan(study, todo, skipped, storage: str) -> None:
     kind = f"Optuna search ({study.search.sampler}, {study.search.num_samples} samples)" if study.search else "grid"
     print(f"study {study.name}: {kind}; {len(todo)} to run, {len(skipped)} already stored in {storage}")
     print(f"resources per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU")
+    if study.search is None:
+        _print_table_shape(study)
     for p in todo:
         cell = " ".join(f"{k}={v}" for k, v in p.point.items())
         print(f"  {p.trial_id[:12]}  {cell}  seed={p.seed}")
+
+
+def _print_table_shape(study) -> None:
+    """The report's rows and columns as planned (``rows: method.name (7) ...; cols: data.partition (5) 92, ...``)."""
+    from sslray.study import row_label
+
+    planned = study.trials(unique=False)
+    for axis in ("rows", "cols"):
+        key = getattr(study.report, axis)
+        labels = list(dict.fromkeys(row_label(t, key) for t in planned))
+        print(f"table {axis}: {key} ({len(labels)}): {', '.join(labels)}")
 
 
 def _table(study, storage: str, fmt: str, **over) -> str:
