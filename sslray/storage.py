@@ -10,6 +10,7 @@ Layout under a study's storage root (``storage:`` in the study file, or ``--stor
     <root>/ray_tune/  <root>/ray_train/    Ray Tune's experiment state, Ray Train's runs (workers > 1)
     <root>/wandb/                          W&B offline runs (``wandb sync <root>/wandb/offline-run-*``)
     <root>/plots/                          ``sslray plot``'s default output
+    <root>/optuna.db                       a search study's Optuna study (SQLite; ``optuna-dashboard`` opens it)
 
 Every other module asks :class:`StudyStorage` for these paths, so the layout is spelled out here only; a later
 object-store backend (``s3://`` through ``pyarrow.fs``) replaces this class's path building and
@@ -86,6 +87,18 @@ class StudyStorage:
     @property
     def plots_dir(self) -> Path:
         return self.root / "plots"
+
+    @property
+    def optuna_db(self) -> Path:
+        """A search study's Optuna study (SQLite, through ``optuna.storages.RDBStorage``). A *local* path on
+        purpose: SQLite needs a file system with working locks, so a remote (object-store) root keeps this file
+        on local disk or NFS; see :meth:`optuna_url`."""
+        return self.root / "optuna.db"
+
+    def optuna_url(self) -> str:
+        """The SQLAlchemy URL of :attr:`optuna_db` (``sqlite:////abs/path/optuna.db``), what
+        ``optuna.storages.RDBStorage`` and ``optuna-dashboard`` take."""
+        return f"sqlite:///{self.optuna_db.resolve()}"
 
     def result_file(self, trial_id: str) -> Path:
         return self.results_dir / f"{trial_id}.parquet"

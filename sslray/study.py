@@ -377,6 +377,10 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
     ablation = _ablation(raw.get("ablation"), path, base_dict, grid, paired)
     seeds = _seeds(raw.get("seeds", [0]), path)
     search = _search(raw.get("search"), path, base, base_dict)
+    if search is not None and search.scheduler is not None and len(seeds) > 1:
+        raise ConfigError(path, "search.scheduler", f"ASHA with {len(seeds)} seeds per configuration is not "
+                                                    "supported yet (it would compare one seed's curve, not the mean); "
+                                                    "use one seed or no scheduler")
     if search is not None:
         for other in ("grid", "ablation"):
             if other in raw:
