@@ -117,6 +117,9 @@ def _run_parser(sub) -> None:
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
     r.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"], help="table format")
+    r.add_argument("--reuse-from", metavar="DIR", action="append", default=[],
+                   help="another study's storage: its finished trials with the same trial id are copied here "
+                        "(column reused_from) instead of trained again; repeatable")
 
 
 def _table_parser(sub) -> None:
@@ -361,8 +364,29 @@ def _table(study, storage: str, fmt: str, **over) -> str:
     return "\n".join(render(s, fmt) for s in report.values())
 
 
+def _reuse(study, storage: str, sources: list[str], dry_run: bool) -> None:
+    """``--reuse-from``: copy the other stores' ok rows of trials this study plans (``sslray.reuse``); a dry run
+    only says how many it would take."""
+    from sslray.results import ResultsStore
+    from sslray.reuse import reuse_trials
+    from sslray.storage import StudyStorage
+
+    for source in sources:
+        if not os.path.isdir(source):
+            raise ConfigError(source, "--reuse-from", "no such directory (expected another study's storage)")
+        if dry_run:
+            other = ResultsStore(source).ids("ok") if os.path.isdir(source) else set()
+            n = len({p.trial_id for p in study.trials()} & other - ResultsStore(storage).ids())
+            print(f"--reuse-from {source}: {n} trial(s) would be reused")
+            continue
+        taken = reuse_trials(study.trials(), source, StudyStorage(storage), study.name)
+        print(f"reused {len(taken)} finished trial(s) from {source}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     study, storage = _load(args)
+    if getattr(args, "reuse_from", None):
+        _reuse(study, storage, args.reuse_from, args.dry_run)
     if args.dry_run:  # the store alone: no Ray, no directory created
         from sslray.results import plan
 
