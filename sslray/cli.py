@@ -117,6 +117,7 @@ def _run_parser(sub) -> None:
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
     r.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"], help="table format")
+    r.add_argument("--verbose", action="store_true", help="also show Ray's start-up notices (token auth)")
     r.add_argument("--reuse-from", metavar="DIR", action="append", default=[],
                    help="another study's storage: its finished trials with the same trial id are copied here "
                         "(column reused_from) instead of trained again; repeatable")
@@ -395,6 +396,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     from sslray import ray_adapter
 
+    if getattr(args, "verbose", False):
+        ray_adapter.show_ray_notices()
     try:
         # --resume needs nothing extra: stored trials are skipped and unfinished ones find their checkpoints
         summary = ray_adapter.run_study(study, address=args.address, storage=storage,

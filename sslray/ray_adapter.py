@@ -49,6 +49,14 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune bann
 # writes that env, secrets included, to <ray temp>/session_*/logs/runtime_env_agent.log (measured with Ray 2.60).
 os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
 
+import logging  # noqa: E402
+
+# Ray 2.60 logs "Token authentication is enabled for this Ray cluster ..." at every local start: a notice for
+# cluster operators, not for someone running a study (sslray run --verbose shows it; real Ray errors still do).
+_RAY_NOTICES = ("ray._private.authentication.authentication_token_setup",)
+for _name in _RAY_NOTICES:
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 import ray.tune  # noqa: E402
@@ -409,6 +417,104 @@ class _Progress(ray.tune.Callback):
         print(f"[{self.done}/{self.total}] {trial.trial_id}: error (see {trial.local_path})", flush=True)
 
 
+class _LiveProgress(_Progress):
+    """The whole study on a terminal: a tqdm bar over trials (done / running / queued / failed in its postfix)
+    and one status line per running trial (its iteration of the total and latest metric), with an ETA from the
+    measured step times (``time/step_s`` of the running trials, else tqdm's rate over finished trials). Not a
+    terminal (CI logs, nohup): :class:`_Progress`'s one line per event."""
+
+    def __init__(self, total: int, labels: dict[str, str], metric: str, iterations: dict[str, int],
+                 concurrent: int, file=None):
+        super().__init__(total, labels, metric)
+        from tqdm import tqdm
+
+        self.file = file or sys.stdout
+        self.iterations, self.concurrent, self.failed = iterations, max(1, concurrent), 0
+        self.running: dict[str, dict] = {}
+        # a terminal that reports 0 columns (a bare pty) would get an empty bar from tqdm: fall back to 100
+        self.ncols = shutil.get_terminal_size((100, 24)).columns or 100
+        self.bar = tqdm(total=total, desc="trials", unit="trial", file=self.file, ncols=self.ncols, position=0)
+        self.lines: dict[str, Any] = {}
+
+    def _line(self, tid: str):
+        from tqdm import tqdm
+
+        if tid not in self.lines:
+            self.lines[tid] = tqdm(total=0, bar_format="{desc}", file=self.file, position=len(self.lines) + 1,
+                                   leave=False, ncols=self.ncols)
+        return self.lines[tid]
+
+    def _refresh(self) -> None:
+        queued = max(0, self.total - self.done - len(self.running))
+        self.bar.set_postfix_str(f"done {self.done - self.failed}, running {len(self.running)}, queued {queued}, "
+                                 f"failed {self.failed}{self._eta()}")
+
+    def _eta(self) -> str:
+        steps = [r["step_s"] for r in self.running.values() if r.get("step_s")]
+        if not steps:
+            return ""
+        per_trial = sum(steps) / len(steps) * (sum(self.iterations.values()) / max(1, len(self.iterations)))
+        left_running = sum(max(0, r["total"] - r["it"]) * (r.get("step_s") or 0) for r in self.running.values())
+        queued = max(0, self.total - self.done - len(self.running))
+        eta = (left_running + queued * per_trial) / self.concurrent
+        return f", ETA {time.strftime('%H:%M:%S', time.gmtime(eta))} (step times)"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running[trial.trial_id] = {"it": 0, "total": self._total_of(trial), "step_s": None}
+        self._refresh()
+
+    def _total_of(self, trial) -> int:
+        spec = trial.config.get("sslray")
+        tid = getattr(spec, "trial_id", None) or ""
+        return self.iterations.get(tid) or self.iterations.get("", 0)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "sslray_status" in result or self.metric not in result:
+            return
+        r = self.running.setdefault(trial.trial_id, {"it": 0, "total": self._total_of(trial), "step_s": None})
+        r.update(it=int(result.get("iteration", r["it"])), step_s=result.get("time/step_s") or r["step_s"])
+        label = self.labels.get(getattr(trial.config.get("sslray"), "trial_id", None) or "", trial.trial_id)
+        self._line(trial.trial_id).set_description_str(
+            f"  {label}: iteration {r['it']}/{r['total']}  {self.metric} {result[self.metric]:.2f}")
+        self._refresh()
+
+    def _end(self, trial, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        self.running.pop(trial.trial_id, None)
+        line = self.lines.pop(trial.trial_id, None)
+        if line is not None:
+            line.close()
+        self.bar.update(1)
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, (trial.last_result or {}).get("sslray_status") != "ok")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, True)
+
+    def on_experiment_end(self, trials, **info):
+        for line in self.lines.values():
+            line.close()
+        self.bar.close()
+
+
+def show_ray_notices() -> None:
+    """``sslray run --verbose``: let Ray's start-up notices (token auth) through again."""
+    for name in _RAY_NOTICES:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def progress_callback(total: int, labels: dict[str, str], metric: str, iterations: dict[str, int],
+                      concurrent: int, file=None) -> ray.tune.Callback:
+    """:class:`_LiveProgress` when ``file`` (default stdout) is a terminal, else :class:`_Progress`."""
+    file = file or sys.stdout
+    if getattr(file, "isatty", lambda: False)():
+        return _LiveProgress(total, labels, metric, iterations, concurrent, file)
+    return _Progress(total, labels, metric)
+
+
 def _label(p: PlannedTrial) -> str:
     parts = [f"{k}={v}" for k, v in p.point.items() if k != "seed"]
     return " ".join(parts + [f"seed={p.seed}"])
@@ -468,11 +574,17 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
         run_config=ray.tune.RunConfig(
             name=f"{study.name}-tune", storage_path=str(layout.ray_tune_dir), verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_Progress(n, {p.trial_id: _label(p) for p in todo}, study.report.metric)] if verbose else []))
+            callbacks=[_progress_of(study, todo, n, concurrent)] if verbose else []))
     grid = tuner.fit()
     _store_unreturned(grid, layout)
     tracking.log_study(study, str(layout.root), spec.tracking)  # no-op when tracking is disabled
     return _summary(grid, layout, todo, skipped, n if search else None, t0)
+
+
+def _progress_of(study: Study, todo: list[PlannedTrial], n: int, concurrent: int) -> ray.tune.Callback:
+    iterations = {p.trial_id: p.config.train.iterations for p in todo} or {"": study.base.train.iterations}
+    metric = study.search.metric if study.search else study.report.metric
+    return progress_callback(n, {p.trial_id: _label(p) for p in todo}, metric, iterations, concurrent)
 
 
 def _driver_of(study: Study):
@@ -611,4 +723,5 @@ def shutdown() -> None:
 
 
 __all__ = ["run_study", "plan", "TrialSpec", "max_concurrent", "trial_resources", "check_fits", "shutdown", "RunSummary",
-           "trial_driver", "train_fn_per_worker", "ClusterTooSmall", "search_driver", "seed_means", "optuna_storage"]
+           "trial_driver", "train_fn_per_worker", "ClusterTooSmall", "search_driver", "seed_means", "optuna_storage",
+           "progress_callback", "show_ray_notices"]
