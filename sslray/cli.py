@@ -3,18 +3,22 @@
     sslray run STUDY.yaml [--address auto] [--storage DIR] [--resume] [--set key=value ...] [--dry-run]
     sslray status STUDY.yaml [--set key=value ...]   which cells are done, failed (why), started, missing
     sslray table STUDY.yaml [--format markdown|latex|csv|html] [--per-class] [--pseudo] [--cost] [--manifest]
-    sslray plot STUDY.yaml [--kind efficiency|ablation|curves] [--format png|svg] [--out DIR]
+    sslray plot STUDY.yaml [--kind efficiency|ablation|curves] [--format png|svg|pdf] [--out DIR]
     sslray train [CONFIG.yaml] [--set key=value ...] [--out DIR] [--resume]
     sslray validate FILE.yaml ...         study files and trial configs
     sslray list {methods,terms,datasets,models}
     sslray data check --dataset NAME --root DIR [--split FILE ...]   scan a dataset, one line per problem
     sslray data synth --out DIR           write the synthetic default in the VOC layout (dataset synthetic_voc)
+    sslray export PATH ... --out FILE     the rows of one or more studies as one Parquet/CSV (sslray.load_results)
 
 The study commands (run, status, table, plot) share ``STUDY.yaml --storage DIR --set KEY=VALUE --plugin MODULE``:
 give every one of them the same ``--set`` a study was run with, since overrides change the trial ids.
 
 Errors in inputs are one line naming the file and the dotted key, exit code 2; a failed trial (NaN loss,
 missing data) is one line too, exit code 1, with whatever was already written (splits, checkpoints) kept.
+``status``, ``table`` and ``plot`` on a storage holding nothing of the study say so in one line (where they looked)
+and exit 1. The light commands (``list``, ``validate``, ``status``, ``table``, ``--help``, ``--version``) import
+neither torch nor Ray.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Semi-supervised semantic segmentation studies: run grids, ablations and Optuna searches on "
                     "Ray, train single trials, and print paper-style comparison tables.",
         epilog="Run 'sslray COMMAND --help' for a command's options. Docs: README.md.")
+    p.add_argument("--version", action="version", version=f"sslray {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _train_parser(sub)
     _run_parser(sub)
@@ -51,10 +56,31 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["methods", "terms", "datasets", "models"])
     _plugin_argument(ls)
     _data_parser(sub)
+    _export_parser(sub)
     return p
 
 
+def _export_parser(sub) -> None:
+    e = sub.add_parser(
+        "export", help="write the stored rows of one or more studies as one Parquet or CSV file",
+        description="One row per trial (or per evaluation with --history) across studies, as sslray.load_results "
+                    "returns them, with a 'storage' column; Parquet keeps the nested columns (confusion matrix, "
+                    "per-image counts, versions, split hashes) and the units in the field metadata.",
+        epilog="Example: sslray export runs/quickstart runs/voc_classic --out all.parquet\n"
+               "         sslray export 'runs/*' --history --out history.csv",
+        formatter_class=_RAW)
+    e.add_argument("paths", nargs="+", help="study storage directories, study YAML files or glob patterns")
+    e.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    e.add_argument("--history", action="store_true", help="the per-evaluation rows instead of one row per trial")
+
+
 _RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _version() -> str:
+    from sslray import __version__
+
+    return __version__
 
 
 def _plugin_argument(cmd: argparse.ArgumentParser) -> None:
@@ -113,7 +139,10 @@ def _run_parser(sub) -> None:
     r.add_argument("--resume", action="store_true",
                    help="continue after a crash (same as a plain re-run: stored trials are never run twice)")
     r.add_argument("--retry-failed", action="store_true", help="run failed trials again")
-    r.add_argument("--dry-run", action="store_true", help="print the trial plan and exit (Ray is not imported)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="make the checks the run makes before Ray starts (storage, resources, data on disk), print "
+                        "the plan and its forecast, exit non-zero where the run would refuse; creates nothing (Ray "
+                        "is imported only to ask an --address cluster for its resources)")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
     r.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"], help="table format")
@@ -167,7 +196,8 @@ def _plot_parser(sub) -> None:
     pl.add_argument("--kind", action="append", choices=["efficiency", "ablation", "curves"],
                     help="repeatable (default: all that apply)")
     pl.add_argument("--out", help="output directory (default: <storage>/plots)")
-    pl.add_argument("--format", default="png", choices=["png", "svg"])
+    pl.add_argument("--format", default="png", choices=["png", "svg", "pdf"],
+                    help="png (300 dpi), svg or pdf (text kept as text, not outlines)")
     pl.add_argument("--metric", help="default: report.metric (val/miou)")
     pl.add_argument("--agg", choices=["last", "best"], help="default: report.agg")
 
@@ -350,6 +380,54 @@ def _print_table_shape(study) -> None:
         print(f"table {axis}: {key} ({len(labels)}): {', '.join(labels)}")
 
 
+def _dry_run(study, storage: str, args: argparse.Namespace) -> int:
+    """What ``sslray run`` checks before it starts Ray, then the plan and its forecast; creates nothing. The
+    resources of a cluster (``--address``) need Ray to be known: only then is Ray imported (and connected to)."""
+    from sslray import preflight
+    from sslray.results import ResultsStore, plan
+    from sslray.storage import StudyStorage
+
+    StudyStorage(storage).check(study.path)
+    if args.address:
+        from sslray import ray_adapter
+
+        cluster, where = ray_adapter.cluster_resources(args.address), f"the cluster at {args.address}"
+    else:
+        cluster, where = preflight.local_resources(args.num_cpus, study), "this machine"
+    preflight.check_fits(study, cluster, study.path)
+    todo, skipped = plan(study, storage, args.retry_failed)
+    n_data = preflight.check_data(todo)
+    _print_plan(study, todo, skipped, storage)
+    stored = ResultsStore(storage).load()
+    if len(_study_rows(study, stored)) == 0:
+        print(f"nothing of this study is stored in {storage} yet: every trial would run")
+    n = study.search.num_samples if study.search else len(todo)
+    concurrent = preflight.max_concurrent(study, cluster, max(n, 1))
+    print(f"checks passed: storage usable; one trial fits {where} ({preflight.describe(cluster)}), {concurrent} at "
+          f"a time; " + (f"{n_data} dataset config(s) on disk found with their split files" if n_data else
+                         "synthetic data (nothing on disk)"))
+    if study.search is None and todo:
+        print(_forecast(study, stored, len(todo), concurrent))
+    return EXIT_OK
+
+
+def _forecast(study, stored, n_todo: int, concurrent: int) -> str:
+    """Time and GPU-hours of the trials still to run, from the mean of this study's finished trials."""
+    import statistics
+
+    done = _study_rows(study, stored)
+    done = done[done["status"] == "ok"] if len(done) else done
+    if len(done) == 0:
+        return (f"forecast: unknown until a trial of this study has finished ({n_todo} trials x "
+                f"{study.base.train.iterations} iterations; sslray table --cost forecasts the rest then)")
+    wall = statistics.fmean(float(w) for w in done["wall_s"])
+    gpus = study.resources.workers * study.resources.gpus_per_worker
+    hours = n_todo * wall / 3600
+    return (f"forecast: {n_todo} trials x {wall / 60:.1f} min (mean of {len(done)} finished) = {hours:.2f} trial-hours, "
+            f"about {hours / max(concurrent, 1):.2f} h of wall time at {concurrent} at a time; "
+            f"{hours * gpus:.2f} GPU-hours")
+
+
 def _table(study, storage: str, fmt: str, **over) -> str:
     """The study's report as text (``sslray.report.study_report``): the comparison (or ablation) table, or the
     per-class / pseudo / cost / manifest tables when asked for; a search study's best configs, importances and
@@ -386,14 +464,13 @@ def _reuse(study, storage: str, sources: list[str], dry_run: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     study, storage = _load(args)
+    from sslray import tracking
+
+    tracking.settings_for(study, storage)  # an unknown WANDB_MODE is refused here, before anything starts
     if getattr(args, "reuse_from", None):
         _reuse(study, storage, args.reuse_from, args.dry_run)
-    if args.dry_run:  # the store alone: no Ray, no directory created
-        from sslray.results import plan
-
-        todo, skipped = plan(study, storage, args.retry_failed)
-        _print_plan(study, todo, skipped, storage)
-        return EXIT_OK
+    if args.dry_run:
+        return _dry_run(study, storage, args)
     from sslray import ray_adapter
 
     if getattr(args, "verbose", False):
@@ -415,10 +492,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     """(study, absolute storage path) of a study command: the file with its ``--set`` overrides, ``--storage``."""
     from sslray.storage import study_storage
-    from sslray.study import load_study
+    from sslray.study import check_storage_value, load_study
 
     study = load_study(args.study, args.overrides)
+    if args.storage is not None:  # the rules of storage: in a study file (no '..', not a file)
+        check_storage_value(args.storage, None, "--storage")
     return study, str(study_storage(study, args.storage).root)
+
+
+def _study_rows(study, df):
+    """The stored rows that belong to ``study``: its planned trial ids (grid, ablation), or its name (search)."""
+    if len(df) == 0:
+        return df
+    if study.search is not None:
+        return df[df["study"] == study.name]
+    return df[df["trial_id"].isin({p.trial_id for p in study.trials()})]
+
+
+def _nothing_stored(study, storage: str, df) -> str:
+    """One line: no results of this study were found, and where sslray looked."""
+    from sslray.storage import StudyStorage
+
+    results = StudyStorage(storage).results_dir
+    if not os.path.isdir(storage):
+        where = f"{storage} does not exist"
+    elif not results.is_dir():
+        where = f"{storage} has no results/ directory"
+    else:
+        others = f"{len(df)} row(s) of other trials or studies" if len(df) else "no result files"
+        where = f"{results} holds {others}"
+    return (f"sslray: no results of study {study.name!r} found ({where}); check --storage and --set, or run it "
+            f"first: sslray run {study.path}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -427,7 +531,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     study, storage = _load(args)
     layout = StudyStorage(storage)
-    df = ResultsStore(layout).load()
+    stored = ResultsStore(layout).load()
+    df = _study_rows(study, stored)
+    if len(df) == 0 and not any(layout.started(p.trial_id) for p in study.trials()):
+        print(_nothing_stored(study, storage, stored), file=sys.stderr)
+        return EXIT_FAILED
     rows = {r["trial_id"]: r for r in df.to_dict("records")} if len(df) else {}
     counts = {"done": 0, "failed": 0, "started": 0, "missing": 0}
     for p in study.trials():
@@ -448,7 +556,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    from sslray.results import ResultsStore
+
     study, storage = _load(args)
+    stored = ResultsStore(storage).load()
+    if len(_study_rows(study, stored)) == 0:
+        print(_nothing_stored(study, storage, stored), file=sys.stderr)
+        return EXIT_FAILED
     print(_table(study, storage, args.format, metric=args.metric, rows=args.rows, cols=args.cols,
                  baseline=args.baseline, agg=args.agg, significance=args.significance, alpha=args.alpha,
                  bootstrap=args.bootstrap, paper=args.paper, per_class=args.per_class, pseudo=args.pseudo,
@@ -464,8 +578,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     study, storage = _load(args)
     store = ResultsStore(storage)
     df = store.load()
-    if len(df) == 0:
-        print(f"sslray: error: no stored results in {storage} (run the study first)", file=sys.stderr)
+    if len(_study_rows(study, df)) == 0:
+        print(_nothing_stored(study, storage, df), file=sys.stderr)
         return EXIT_FAILED
     for path in plot_study(study, df, store.load_history(), args.out or str(StudyStorage(storage).plots_dir), args.kind,
                            args.format, storage, args.metric, args.agg):
@@ -474,15 +588,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Names from the registries without importing torch (``sslray.methods.registry``, ``sslray.registries``)."""
     import sslray
-    from sslray.methods import TERMS
+    from sslray.methods import METHOD_DOCS, TERMS
 
-    if args.what == "terms":
-        for name, term in TERMS.items():
-            print(f"{name:8s} {term.doc}")
+    if args.what in ("terms", "methods"):
+        docs = {n: t.doc for n, t in TERMS.items()} if args.what == "terms" else {
+            n: METHOD_DOCS.get(n, "(no description)") for n in sslray.list_methods()}
+        width = max(map(len, docs))
+        for name, doc in docs.items():
+            print(f"{name:{width}s}  {doc}")
         return EXIT_OK
-    items = {"methods": sslray.list_methods, "datasets": sslray.list_datasets, "models": sslray.list_models}
+    items = {"datasets": sslray.list_datasets, "models": sslray.list_models}
     print("\n".join(items[args.what]()))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sslray.results import load_results
+
+    if not args.out.endswith((".parquet", ".csv")):
+        raise ConfigError(None, "--out", f"expected a .parquet or .csv file, got {args.out!r}")
+    df = load_results(args.paths, history=args.history)
+    if len(df) == 0:
+        print(f"sslray: no stored rows in {', '.join(args.paths)}; nothing written", file=sys.stderr)
+        return EXIT_FAILED
+    from sslray.storage import atomic_write
+
+    if args.out.endswith(".csv"):
+        atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode()))
+    else:
+        atomic_write(args.out, lambda f: df.to_parquet(f, index=False))
+    print(f"wrote {len(df)} {'evaluation' if args.history else 'trial'} rows of {df['storage'].nunique()} "
+          f"storage(s), {len(df.columns)} columns, to {args.out}")
     return EXIT_OK
 
 
@@ -516,7 +654,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "status": cmd_status, "table": cmd_table, "train": cmd_train,
-                "validate": cmd_validate, "list": cmd_list, "data": cmd_data, "plot": cmd_plot}
+                "validate": cmd_validate, "list": cmd_list, "data": cmd_data, "plot": cmd_plot, "export": cmd_export}
     try:
         load_plugins(getattr(args, "plugins", []))
         return commands[args.command](args)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-EVAL_MODES = ("original", "center_crop", "sliding_window", "sliding_window_v2")
+from sslray.registries import EVAL_MODES  # noqa: F401 - re-exported (the light commands check names without torch)
 
 
 class ConfusionMatrix:

@@ -1,4 +1,4 @@
-"""Paper figures derived from the results store (matplotlib, PNG or SVG)::
+"""Paper figures derived from the results store (matplotlib: PNG at 300 dpi, or SVG and PDF with real text)::
 
     sslray plot studies/quickstart.yaml                       # every figure that applies, into <storage>/plots
     sslray plot studies/x.yaml --kind efficiency --format svg --out figs/
@@ -24,6 +24,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from sslray.report import Table, cell_members, study_report
+from sslray.report.names import display, metric_label
 from sslray.report.sections import PARTITION
 from sslray.storage import StudyStorage, atomic_write
 from sslray.study import VARIANT
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
     from sslray.study import PlannedTrial, Study
 
 KINDS = ("efficiency", "ablation", "curves")
-PLOT_FORMATS = ("png", "svg")
+PLOT_FORMATS = ("png", "svg", "pdf")
+# Paper settings: text stays text in SVG and PDF (TrueType, editable and searchable), PNG at 300 dpi.
+RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "sslray"}
+PNG_DPI = 300
 
 
 def _figure(width: float = 5.0, height: float = 3.6) -> "Figure":
@@ -44,42 +48,85 @@ def _figure(width: float = 5.0, height: float = 3.6) -> "Figure":
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _ylabel(metric: str) -> str:
-    return {"val/miou": "mIoU (%)", "val/pixel_acc": "pixel accuracy (%)"}.get(metric, metric)
+def _ylabel(table_or_metric: "Table | str") -> str:
+    if isinstance(table_or_metric, str):
+        return metric_label(table_or_metric)
+    return metric_label(table_or_metric.metric, table_or_metric.agg, table_or_metric.names)
+
+
+def _seeds(table: Table) -> str:
+    """``n = 3 seeds`` (or ``n = 2-3 seeds``) over the cells with a mean: what the error bars are taken over."""
+    ns = sorted({cell.n for cell in table.cells.values() if cell.mean is not None})
+    if not ns:
+        return "no seeds"
+    span = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return f"n = {span} seed{'s' if ns[-1] != 1 else ''}"
+
+
+def _spread(table: Table) -> str:
+    return f"{'mean' if table.agg == 'last' else 'best'} ± std over {_seeds(table)}"
 
 
 def efficiency_figure(table: Table, labeled: dict[str, int], title: str | None = None) -> "Figure":
     """Mean of each row against the number of labeled images of each column (``labeled[col]``), seed std band.
 
     ``table`` has methods as rows and partitions as columns (``comparison_table(..., cols="data.partition")``).
-    Each line's label is its row; cells without a mean are left out of the line.
+    Each line's label is its row's display name (``sslray.report.names``, ``report.names``); the points of the rows
+    at one x are dodged sideways (by a few percent of an octave) so their error bars do not overlap. With one
+    partition there is no curve to draw: :func:`single_partition_figure` says so.
     """
+    xs_all = sorted(set(labeled[c] for c in table.cols))
+    if len(xs_all) < 2:
+        return single_partition_figure(table, labeled, title)
     fig = _figure()
     ax = fig.add_subplot()
-    for r in table.rows:
+    log = xs_all[-1] >= 4 * xs_all[0]
+    n_rows = max(len(table.rows), 1)
+    for i, r in enumerate(table.rows):
         pts = sorted((labeled[c], cell.mean, cell.std) for c in table.cols
                      if (cell := table.cells.get((r, c))) is not None and cell.mean is not None)
         if not pts:
             continue
-        xs, means, stds = zip(*pts)
-        (line,) = ax.plot(xs, means, marker="o", label=r)
-        if len(xs) > 1:
-            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-        else:
-            ax.errorbar(xs, means, yerr=stds, color=line.get_color(), capsize=4, linestyle="none")
-    xs = sorted(set(labeled[c] for c in table.cols))
-    if xs and xs[-1] >= 4 * xs[0]:
+        offset = (i - (n_rows - 1) / 2) * 0.04  # dodge: log2 units on a log axis, a share of the span otherwise
+        span = xs_all[-1] - xs_all[0]
+        xs = [x * 2 ** offset if log else x + offset * span * 0.5 for x, _, _ in pts]
+        means, stds = [m for _, m, _ in pts], [sd for _, _, sd in pts]
+        (line,) = ax.plot(xs, means, marker="o", label=display(r, table.names))
+        ax.fill_between(xs, [m - sd for m, sd in zip(means, stds)], [m + sd for m, sd in zip(means, stds)],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.errorbar(xs, means, yerr=stds, color=line.get_color(), capsize=3, linestyle="none")
+    if log:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xticks(xs_all, [str(x) for x in xs_all])
     ax.minorticks_off()
     ax.set_xlabel("labeled images")
-    ax.set_ylabel(_ylabel(table.metric))
+    ax.set_ylabel(_ylabel(table))
     ax.grid(alpha=0.3)
     if ax.get_lines():
-        ax.legend(title=table.row_key)
-    ax.set_title(title or f"label efficiency ({'mean' if table.agg == 'last' else 'best'} +- std over seeds)",
-                 fontsize=10)
+        ax.legend(title=display(table.row_key, table.names), fontsize=8)
+    ax.set_title(f"{title or 'label efficiency'}\n{_spread(table)} (bars and band)", fontsize=9)
+    return fig
+
+
+def single_partition_figure(table: Table, labeled: dict[str, int], title: str | None = None) -> "Figure":
+    """One partition: each row's mean with its error bar side by side, and a title that says why there is no
+    curve (a label-efficiency curve needs two or more partitions)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    c = table.cols[0] if table.cols else None
+    shown = [(r, cell) for r in table.rows
+             if c is not None and (cell := table.cells.get((r, c))) is not None and cell.mean is not None]
+    for i, (r, cell) in enumerate(shown):
+        ax.errorbar([i], [cell.mean], yerr=[cell.std], marker="o", capsize=4, linestyle="none",
+                    label=display(r, table.names))
+    ax.set_xticks(range(len(shown)), [display(r, table.names) for r, _ in shown],
+                  rotation=20 if len(shown) > 4 else 0)
+    ax.set_xlim(-0.6, max(len(shown) - 0.4, 0.6))
+    ax.set_ylabel(_ylabel(table))
+    ax.grid(axis="y", alpha=0.3)
+    n = labeled.get(c, c) if c is not None else "?"
+    ax.set_title(f"{title or 'label efficiency'}\nonly one partition ({n} labeled images): no curve to draw\n"
+                 f"{_spread(table)}", fontsize=9)
     return fig
 
 
@@ -102,22 +149,25 @@ def ablation_figure(table: Table, title: str | None = None) -> "Figure":
         bars = ax.bar(xs, means, width=width * 0.95, yerr=stds, capsize=3, label=c)
         for bar, hatch in zip(bars, hatches):
             bar.set_hatch(hatch)
-    ax.set_xticks(range(len(table.rows)), table.rows, rotation=20 if len(table.rows) > 4 else 0)
-    ax.set_ylabel(_ylabel(table.metric))
+    ax.set_xticks(range(len(table.rows)), [display(r, table.names) for r in table.rows],
+                  rotation=20 if len(table.rows) > 4 else 0)
+    ax.set_ylabel(_ylabel(table))
     ax.grid(axis="y", alpha=0.3)
     if len(table.cols) > 1:
-        ax.legend(title=table.col_key)
+        ax.legend(title=display(table.col_key, table.names), fontsize=8)
     means = [c.mean for c in table.cells.values() if c.mean is not None]
     if means:  # bars start at the axis: zoom to the data so differences of a point or two are visible
         lo, hi = min(means), max(means)
         pad = max(hi - lo, 1.0)
         ax.set_ylim(max(0.0, lo - 1.5 * pad), hi + 0.75 * pad)
-    ax.set_title(title or f"ablation ({table.baseline} hatched; mean +- std over seeds)", fontsize=10)
+    ax.set_title(f"{title or 'ablation'}\n{display(table.baseline or '', table.names)} (baseline) hatched\n"
+                 f"error bars: {_spread(table)}", fontsize=9)
     return fig
 
 
 def curves_figure(history: "pd.DataFrame", members: dict[tuple[str, str], list[str]], rows: list[str],
-                  cols: list[str], metric: str = "val/miou", row_key: str = "", col_key: str = "") -> "Figure":
+                  cols: list[str], metric: str = "val/miou", row_key: str = "", col_key: str = "",
+                  names: dict[str, str] | None = None) -> "Figure":
     """``metric`` over iterations: one panel per column, one line per row (at each evaluated iteration the mean
     over the seeds that reached it), +- std band. ``members`` maps (row, col) to trial ids (``cell_members``)."""
     fig = _figure(max(4.5, 3.6 * len(cols)), 3.4)
@@ -136,15 +186,16 @@ def curves_figure(history: "pd.DataFrame", members: dict[tuple[str, str], list[s
             vals = [[s[i] for s in series if i in s] for i in its]
             means = [statistics.fmean(v) for v in vals]
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            (line,) = ax.plot(its, means, label=r)
+            (line,) = ax.plot(its, means, label=display(r, names))
             ax.fill_between(its, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(f"{col_key} = {c}" if col_key else c, fontsize=10)
+        ax.set_title(f"{display(col_key, names)} = {c}" if col_key else c, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(_ylabel(metric))
     if any(ax.get_lines() for ax in axes):
-        axes[0].legend(title=row_key or None)
+        axes[0].legend(title=display(row_key, names) if row_key else None, fontsize=8)
+    fig.suptitle("mean ± std over the seeds that reached each evaluation (band)", fontsize=9)
     return fig
 
 
@@ -210,7 +261,7 @@ def plot_study(study: "Study", df: "pd.DataFrame", history: "pd.DataFrame", out_
             fig = ablation_figure(table, f"{study.name}: ablation")
         elif kind == "curves":
             rows, cols, members = cell_members(df, planned, rep.rows, rep.cols)
-            fig = curves_figure(history, members, rows, cols, metric, rep.rows, rep.cols)
+            fig = curves_figure(history, members, rows, cols, metric, rep.rows, rep.cols, dict(rep.names))
         else:
             raise ValueError(f"unknown plot kind {kind!r} (expected one of: {', '.join(KINDS)})")
         path = os.path.join(out_dir, f"{kind}.{fmt}")
@@ -227,6 +278,8 @@ def save(fig: "Figure", path: str) -> str:
     metadata: dict[str, Any] = {"Software": "sslray"} if fmt == "png" else {"Creator": "sslray"}
     if fmt == "svg":
         metadata["Date"] = None  # with a fixed id salt: a re-plot of the same results gives the same bytes
-    with matplotlib.rc_context({"svg.hashsalt": "sslray"}):
-        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=150, metadata=metadata))
+    if fmt == "pdf":
+        metadata["CreationDate"] = None
+    with matplotlib.rc_context(RC):
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=PNG_DPI, metadata=metadata))
     return path

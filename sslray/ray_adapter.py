@@ -29,7 +29,6 @@ Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -62,17 +61,12 @@ import ray.train  # noqa: E402
 import ray.tune  # noqa: E402
 
 from sslray import tracking  # noqa: E402
-from sslray.config import ConfigError, TrialConfig, load_plugins  # noqa: E402
+from sslray.config import TrialConfig, load_plugins  # noqa: E402
+from sslray.preflight import (DRIVER_RESOURCE, ClusterTooSmall, check_fits,  # noqa: E402,F401 - re-exported
+                              local_resources, max_concurrent)
 from sslray.results import ResultsStore, make_row, plan  # noqa: E402
 from sslray.storage import StudyStorage, study_storage  # noqa: E402
 from sslray.study import Distribution, PlannedTrial, Resources, Study, trial_from_params  # noqa: E402
-
-DRIVER_RESOURCE = "train_driver"
-
-
-class ClusterTooSmall(ConfigError):
-    """The study asks for more than the cluster has: reported before anything starts."""
-
 
 @dataclass
 class RunSummary:
@@ -174,7 +168,7 @@ def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, 
     outcome = _Outcome("failed", reason="the trial process stopped before it returned")
     try:
         result = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
-                     out_dir=out_dir)
+                     out_dir=out_dir, on_log=run.log if run else None)
         outcome = _Outcome("ok", result.metrics, result.history)
     except NonFiniteLossError as e:  # deterministic: retrying would fail the same way
         outcome = _Outcome("failed", reason=str(e))
@@ -352,39 +346,23 @@ def _init_ray(address: str | None, num_cpus: int | None, dashboard: bool) -> Non
              include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=False, logging_level="WARNING")
 
 
+def cluster_resources(address: str) -> dict[str, float]:
+    """What the cluster at ``address`` offers (``sslray run --dry-run --address``): connect, read, disconnect."""
+    connected = ray.is_initialized()
+    _init_ray(address, None, dashboard=False)
+    try:
+        return dict(ray.cluster_resources())
+    finally:
+        if not connected:
+            ray.shutdown()
+
+
 def trial_resources(study: Study) -> dict[str, float]:
     """What one Tune trial holds: the whole worker for one worker, else only the driver token."""
     r = study.resources
     if r.workers == 1:
         return {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
     return {"cpu": 0, DRIVER_RESOURCE: 1}
-
-
-def max_concurrent(study: Study, cluster: dict[str, float], n_trials: int) -> int:
-    """How many trials can run at once without drivers starving workers; 0 means never."""
-    r = study.resources
-    limits = [n_trials]
-    if r.cpus_per_worker > 0:
-        limits.append(math.floor(cluster.get("CPU", 0) / (r.workers * r.cpus_per_worker)))
-    if r.gpus_per_worker > 0:
-        limits.append(math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker)))
-    if r.workers > 1:
-        limits.append(int(cluster.get(DRIVER_RESOURCE, 0)))
-    return max(0, min(limits))
-
-
-def check_fits(study: Study, cluster: dict[str, float], source: str) -> None:
-    r = study.resources
-    if r.workers > 1 and cluster.get(DRIVER_RESOURCE, 0) < 1:
-        raise ClusterTooSmall(source, "resources.workers",
-                              f"{r.workers} workers per trial need a '{DRIVER_RESOURCE}' resource on the head node "
-                              f"(ray start --head --resources='{{\"{DRIVER_RESOURCE}\": 100}}'); the cluster has none")
-    need = {"CPU": r.workers * r.cpus_per_worker, "GPU": r.workers * r.gpus_per_worker}
-    for k, v in need.items():
-        if v > cluster.get(k, 0):
-            raise ClusterTooSmall(source, "resources",
-                                  f"one trial needs {v:g} {k} ({r.workers} workers) but the cluster has "
-                                  f"{cluster.get(k, 0):g}")
 
 
 class _Progress(ray.tune.Callback):
@@ -535,7 +513,7 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     layout = study_storage(study, storage)
     layout.check(study.path)
     if not address and not ray.is_initialized():
-        check_fits(study, _local_resources(num_cpus), study.path)
+        check_fits(study, local_resources(num_cpus, study), study.path)
     todo, skipped = plan(study, layout, retry_failed)
     search = study.search is not None
     if not todo and not search:
@@ -708,13 +686,6 @@ def _domain(d: Distribution):
     if d.kind == "choice":
         return ray.tune.choice(list(d.choices))
     raise ValueError(f"unknown distribution {d.kind!r}")
-
-
-def _local_resources(num_cpus: int | None) -> dict[str, float]:
-    """What the local instance ``_init_ray`` would start offers, known without starting it."""
-    import torch
-
-    return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count(), DRIVER_RESOURCE: 1000}
 
 
 def shutdown() -> None:

@@ -47,12 +47,48 @@ TRIAL_FILE = re.compile(r"[0-9a-f]{64}\.parquet")
 # Metric columns every row has (None when not reported), plus train/loss/<term> for every registered term and
 # val/iou/<class> for the dataset's classes: a plain directory read takes its columns from the first file, which may
 # be a failed trial or a supervised one, and must still see the columns of the others.
+# The trial's own wall time is the row's ``wall_s`` (the trainer's ``time/wall_s`` stays in the history only).
 STANDARD_METRICS = ("iteration", "val/miou", "val/pixel_acc", "val/confusion", "best/val/miou", "best/iteration",
                     "train/loss", "train/lr", "train/mask_ratio", "train/pseudo_acc", "time/step_s",
-                    "time/images_per_s", "time/wall_s", "mem/peak_mb", "resumed_from", "val/per_image")
-# JSON-encoded arrays of the final evaluation: in the row, never in the history files.
+                    "time/images_per_s", "mem/peak_mb", "resumed_from", "val/per_image")
+ROW_ONLY_IN_HISTORY = ("time/wall_s",)
+# Arrays of the final evaluation (Arrow lists / structs): in the row, never in the history files.
 ARRAY_METRICS = ("val/confusion", "val/per_image")
 VERSIONED_PACKAGES = ("torch", "torchvision", "ray", "optuna", "pandas", "pyarrow", "wandb", "sslray")
+# What a history row carries besides its metrics: the keys a table or plot groups by (plus the cell's own keys).
+HISTORY_KEYS = ("seed", "variant", "cfg.method.name", "cfg.data.partition", "cfg.data.dataset", "cfg.model.name")
+_COUNTS = pa.list_(pa.list_(pa.float64()))
+NESTED_TYPES: dict[str, pa.DataType] = {
+    "val/confusion": pa.list_(pa.list_(pa.int64())),  # [K][K] pixel counts, rows = target class
+    "val/per_image": pa.struct([("inter", _COUNTS), ("union", _COUNTS)]),  # [N][K] per validation image
+    "versions": pa.struct([(name, pa.string()) for name in VERSIONED_PACKAGES]),
+    "split_sha256": pa.list_(pa.struct([("file", pa.string()), ("sha256", pa.string())])),
+}
+TIMESTAMP = pa.timestamp("ms", tz="UTC")  # Parquet keeps ms (it has no second unit)
+# Units and meaning of the columns, stored as Parquet field metadata ("unit", "doc") and shown in the README.
+UNITS: dict[str, tuple[str, str]] = {
+    "val/miou": ("percent (0-100)", "mean IoU over classes at the last evaluation"),
+    "best/val/miou": ("percent (0-100)", "best val/miou over the evaluations"),
+    "val/pixel_acc": ("percent (0-100)", "pixel accuracy at the last evaluation"),
+    "val/iou/": ("percent (0-100)", "IoU of one class at the last evaluation"),
+    "train/mask_ratio": ("ratio (0-1)", "share of unlabeled pixels above the confidence threshold"),
+    "train/pseudo_acc": ("ratio (0-1)", "accuracy of the confident pseudo-labels (synthetic ground truth)"),
+    "train/loss": ("loss", "total loss, running mean since the previous report"),
+    "train/loss/": ("loss", "one term's unweighted loss; null when the trial's method lacks the term"),
+    "cfg.method.terms.": ("", "a loss term's setting; null when the trial's method lacks the term"),
+    "train/lr": ("learning rate", "of the backbone group"),
+    "time/step_s": ("seconds", "mean time of one training iteration"),
+    "time/images_per_s": ("images per second", "labeled + unlabeled images trained on"),
+    "mem/peak_mb": ("MiB", "peak accelerator (or host) memory"),
+    "wall_s": ("seconds", "the trial's wall time, start to stored row"),
+    "gpu_hours": ("hours", "wall_s x GPUs the trial held"), "cpu_hours": ("hours", "wall_s x CPUs the trial held"),
+    "created_at": ("UTC timestamp", "when the row was written"),
+    "started_at": ("UTC timestamp", "when the trial started"),
+    "val/confusion": ("pixels", "confusion matrix [K][K], rows = target class"),
+    "val/per_image": ("pixels", "intersection and union per validation image and class, [N][K] each"),
+    "split_sha256": ("", "sha256 of each split file the trial read"),
+    "versions": ("", "installed package versions"),
+}
 
 # Columns whose Arrow type does not follow from the value (it may be None in one file and set in another).
 FIXED_TYPES: dict[str, pa.DataType] = {
@@ -60,9 +96,8 @@ FIXED_TYPES: dict[str, pa.DataType] = {
     "variant": pa.string(), "cell": pa.string(), "seed": pa.int64(), "iteration": pa.int64(),
     "resumed_from": pa.int64(),
     "best/iteration": pa.int64(), "wall_s": pa.float64(), "device": pa.string(), "gpu_hours": pa.float64(),
-    "cpu_hours": pa.float64(), "git_sha": pa.string(), "git_dirty": pa.bool_(), "split_sha256": pa.string(),
-    "versions": pa.string(), "created_at": pa.string(), "rerun": pa.string(), "val/confusion": pa.string(),
-    "val/per_image": pa.string(),
+    "cpu_hours": pa.float64(), "git_sha": pa.string(), "git_dirty": pa.bool_(), "rerun": pa.string(),
+    "created_at": TIMESTAMP, "started_at": TIMESTAMP, **NESTED_TYPES,
 }
 EXTRA_KEYS = ("gpus", "cpus", "split_sha256", "rerun")
 
@@ -97,22 +132,70 @@ def make_row(study: str, planned_cell: Mapping[str, Any], config: TrialConfig, s
     }
     row.update(_config_columns(config))
     row.update({k: None for k in _standard_metrics(config)})
-    row.update({k: _scalar(v) for k, v in (metrics or {}).items()})
+    row.update({k: _nested(k, v) if k in NESTED_TYPES else _scalar(v) for k, v in (metrics or {}).items()
+                if k not in ROW_ONLY_IN_HISTORY})
     row.update({
         "wall_s": float(wall_s), "device": device,
         "gpu_hours": _hours(wall_s, extra.get("gpus")), "cpu_hours": _hours(wall_s, extra.get("cpus")),
         "git_sha": git_sha, "git_dirty": git_dirty,
-        "split_sha256": _json_or_none(extra.get("split_sha256")),
-        "versions": json.dumps(package_versions(), sort_keys=True),
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "split_sha256": _nested("split_sha256", extra.get("split_sha256")),
+        "versions": package_versions(),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+        "started_at": _timestamp(extra.pop("started_at", None)),  # in every row: a plain read keeps the column
         "rerun": extra.get("rerun"),
     })
     for k, v in extra.items():
         if k not in EXTRA_KEYS:
             if k in row:
                 raise ValueError(f"extra key {k!r} would overwrite the row's own column")
-            row[k] = _scalar(v)
+            row[k] = _timestamp(v) if k == "started_at" else _scalar(v)
     return row
+
+
+def _timestamp(v: Any) -> datetime.datetime | None:
+    """A UTC datetime from a datetime, a unix time or an ISO string (the one kind of timestamp rows hold)."""
+    if v is None or isinstance(v, datetime.datetime):
+        return v
+    if isinstance(v, str):
+        return datetime.datetime.fromisoformat(v)
+    return datetime.datetime.fromtimestamp(float(v), datetime.timezone.utc)
+
+
+def _nested(column: str, v: Any) -> Any:
+    """A value of a NESTED_TYPES column as Arrow takes it: JSON text decoded, a {file: sha256} dict as a list of
+    records, arrays as lists."""
+    v = nested(v)
+    if v is None:
+        return None
+    if column == "split_sha256":
+        return [{"file": str(f), "sha256": str(h)} for f, h in sorted(dict(v).items())]
+    if column == "val/confusion":
+        return [[int(x) for x in r] for r in v]
+    if column == "val/per_image":
+        return {k: [[float(x) for x in r] for r in v[k]] for k in ("inter", "union")}
+    return v
+
+
+def nested(v: Any) -> Any:
+    """A nested result value as plain Python, whatever wrote it: JSON text (stores from before issue 17), Arrow
+    lists/structs as pandas returns them (numpy arrays of arrays, dicts), a split list of {file, sha256} records
+    (returned as a {file: sha256} dict); None / NaN as None."""
+    import numpy as np
+
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, str):
+        return json.loads(v) if v else None
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, dict):
+        return {k: nested(x) if isinstance(x, (np.ndarray, list, dict)) else x for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        items = [nested(x) if isinstance(x, (np.ndarray, list, tuple, dict)) else x for x in v]
+        if items and all(isinstance(x, dict) and set(x) == {"file", "sha256"} for x in items):
+            return {x["file"]: x["sha256"] for x in items}
+        return items
+    return v
 
 
 def _config_columns(config: TrialConfig) -> dict[str, Any]:
@@ -147,10 +230,6 @@ def _scalar(v: Any) -> Any:
 
 def _hours(wall_s: float, units: Any) -> float | None:
     return None if units is None else float(wall_s) / 3600.0 * float(units)
-
-
-def _json_or_none(v: Any) -> str | None:
-    return None if v is None else v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -223,7 +302,25 @@ def _to_table(rows: list[Mapping[str, Any]], source: str) -> pa.Table:
             arrays[col] = pa.array([_coerce(v, t) for v in values], type=t)
         except (pa.ArrowException, TypeError, ValueError) as e:
             raise ValueError(f"{source}: column {col!r}: cannot store {sample!r} as {t} ({e})") from None
-    return pa.table(arrays)
+    fields = [pa.field(c, arrays[c].type, metadata=_field_metadata(c)) for c in columns]
+    return pa.Table.from_arrays(list(arrays.values()), schema=pa.schema(fields, metadata=SCHEMA_METADATA))
+
+
+SCHEMA_METADATA = {b"sslray.schema": b"results/2: one row per trial (history: one per evaluation); field metadata "
+                                     b"'unit' and 'doc' per column; README 'Loading results'"}
+
+
+def unit_of(column: str) -> tuple[str, str] | None:
+    """(unit, doc) of a result column (exact name, else the longest prefix entry ending in '/' or '.')."""
+    if column in UNITS:
+        return UNITS[column]
+    prefixes = [k for k in UNITS if k.endswith(("/", ".")) and column.startswith(k)]
+    return UNITS[max(prefixes, key=len)] if prefixes else None
+
+
+def _field_metadata(column: str) -> dict[bytes, bytes] | None:
+    u = unit_of(column)
+    return None if u is None else {b"unit": u[0].encode(), b"doc": u[1].encode()}
 
 
 def _coerce(v: Any, t: pa.DataType) -> Any:
@@ -270,8 +367,10 @@ class ResultsStore:
         if history:
             # the row's metric columns, so that every history file has them too (see STANDARD_METRICS)
             metric_keys = {k: None for k in row if ("/" in k or k == "iteration") and k not in ARRAY_METRICS}
-            rows = [{"study": row["study"], "trial_id": trial_id, **metric_keys,
-                     **{k: _scalar(v) for k, v in h.items()}} for h in history]
+            metric_keys.update({k: None for k in ROW_ONLY_IN_HISTORY})
+            keys = {k: row.get(k) for k in (*HISTORY_KEYS, *_cell_columns(row)) if k in row}
+            rows = [{"study": row["study"], "trial_id": trial_id, **keys, **metric_keys,
+                     **{k: _scalar(v) for k, v in h.items() if k not in ARRAY_METRICS}} for h in history]
             _atomic_write(_to_table(rows, str(hist_dst)), hist_dst)
         elif hist_dst.exists():
             hist_dst.unlink()  # the failed attempt's history does not belong to this one
@@ -311,9 +410,20 @@ def _check_row(row: Mapping[str, Any]) -> str:
     if row["status"] not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {row['status']!r}")
     for k, v in row.items():
+        if k in NESTED_TYPES or isinstance(FIXED_TYPES.get(k), pa.TimestampType):
+            continue
         if not (v is None or isinstance(v, (str, bool, int, float))):
             raise ValueError(f"result column {k!r} must hold a scalar (use make_row), got {type(v).__name__}")
     return row["trial_id"]
+
+
+def _cell_columns(row: Mapping[str, Any]) -> list[str]:
+    """``cfg.<key>`` of each key of the trial's cell (the grid point: what the study varies)."""
+    try:
+        cell = json.loads(row.get("cell") or "{}")
+    except (TypeError, ValueError):
+        return []
+    return [f"cfg.{k}" for k in cell if k not in ("variant", "seed")]
 
 
 def _atomic_write(table: pa.Table, dst: Path) -> None:
@@ -365,3 +475,48 @@ def _concat(frames: list[pd.DataFrame], required: tuple[str, ...]) -> pd.DataFra
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in required})
     return pd.concat(frames, ignore_index=True, sort=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading across studies
+
+
+def load_results(paths: "str | os.PathLike | list[str | os.PathLike]", history: bool = False) -> pd.DataFrame:
+    """One tidy DataFrame (one row per trial, or per evaluation with ``history``) across studies.
+
+    ``paths``: study storage directories, study YAML files (their ``storage:``), or glob patterns of either (``runs/*``),
+    one or a list. Every store is read with :class:`ResultsStore` (the same checks as ``sslray table``); a
+    ``storage`` column says where each row came from. Columns are the union over the stores (null where a store
+    lacks one); units and meaning are in the Parquet field metadata (:func:`unit_of`) and the README. A pattern or
+    path that matches nothing is a FileNotFoundError (never an empty frame by mistake).
+    """
+    import glob
+
+    frames = []
+    for root in _storage_roots([paths] if isinstance(paths, (str, os.PathLike)) else list(paths), glob):
+        store = ResultsStore(root)
+        df = store.load_history() if history else store.load()
+        if len(df):
+            frames.append(df.assign(storage=str(root)))
+    if not frames:
+        return _concat([], HISTORY_REQUIRED if history else REQUIRED).assign(storage=pd.Series(dtype=object))
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def _storage_roots(paths: list, glob) -> list[Path]:
+    roots: list[Path] = []
+    for p in map(str, paths):
+        matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise FileNotFoundError(f"{p}: no study storage or study file matches")
+        for m in matches:
+            if os.path.isfile(m) and m.endswith((".yaml", ".yml")):
+                from sslray.storage import study_storage
+                from sslray.study import load_study
+
+                roots.append(study_storage(load_study(m)).root)
+            elif os.path.isdir(m):
+                roots.append(Path(m).resolve())
+            else:
+                raise FileNotFoundError(f"{m}: neither a study storage directory nor a study YAML file")
+    return list(dict.fromkeys(roots))

@@ -166,7 +166,8 @@ class ReportSpec:
     Against the baseline: ``significance`` is the paired test over seeds (``auto``: exact Wilcoxon from 6 seeds on,
     else a paired t-test; ``t``, ``wilcoxon``, ``none``), Holm-corrected at ``alpha``; ``bootstrap`` resamples of the
     validation images give CIs (0: off). ``paper_numbers`` is a YAML file of published numbers printed beside the
-    reproduced ones (path relative to the study file; format in :func:`load_paper_numbers`)."""
+    reproduced ones (path relative to the study file; format in :func:`load_paper_numbers`). ``names`` maps raw
+    names (methods, keys, metrics) to the display names of tables and figures (``sslray.report.names``)."""
 
     rows: str = "method.name"
     cols: str = "data.partition"
@@ -177,6 +178,7 @@ class ReportSpec:
     alpha: float = 0.05
     bootstrap: int = 0
     paper_numbers: str | None = None
+    names: tuple[tuple[str, str], ...] = ()  # report.names as (raw, display) pairs
 
     CHOICES: ClassVar[dict] = {"agg": AGGS, "significance": TESTS}
     RANGES: ClassVar[dict] = {"alpha": Range(0, 1, True, True, "a number between 0 and 1", typed=True),
@@ -645,13 +647,20 @@ def _resources(section: Any, path: str) -> Resources:
 
 
 def _storage(value: Any, name: str, path: str) -> str:
-    if value is None:
-        return f"runs/{name}"
+    return f"runs/{name}" if value is None else check_storage_value(value, path, "storage")
+
+
+def check_storage_value(value: Any, source: str | None, key: str = "storage") -> str:
+    """The rules of a storage as written (``storage:`` in a study, ``--storage`` on the command line): a non-empty
+    path or URI that does not climb out with ``..``, and not a regular file. Returns it unchanged."""
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(path, "storage", f"expected a path or URI (a non-empty string), got {value!r}")
+        raise ConfigError(source, key, f"expected a path or URI (a non-empty string), got {value!r}")
     if ".." in re.split(r"[/\\]", value):  # every write of the study goes under this one directory
-        raise ConfigError(path, "storage", f"{value!r} climbs out with '..'; write the directory you mean "
-                                           "(absolute, or relative to where sslray runs) or pass --storage")
+        raise ConfigError(source, key, f"{value!r} climbs out with '..'; write the directory you mean "
+                                       "(absolute, or relative to where sslray runs)" +
+                                       ("" if key == "--storage" else " or pass --storage"))
+    if "://" not in value and os.path.lexists(value) and not os.path.isdir(value):
+        raise ConfigError(source, key, f"{value!r} is a file, not a storage directory")
     return value
 
 
@@ -662,7 +671,10 @@ def _report(section: Any, path: str, grid: dict[str, list], ablation: Ablation |
     section = {} if section is None else section
     if not isinstance(section, dict):
         raise ConfigError(path, "report", f"expected a mapping, got {section!r}")
+    section = dict(section)
+    names = _report_names(section.pop("names", None), path)
     spec = build_section(ReportSpec, {"rows": VARIANT if ablation else ReportSpec.rows, **section}, "report", path)
+    spec = dataclasses.replace(spec, names=names)
     if ablation and spec.rows == VARIANT and "baseline" not in section:
         spec = dataclasses.replace(spec, baseline=ablation.baseline)
     for key in ("rows", "cols"):
@@ -673,6 +685,15 @@ def _report(section: Any, path: str, grid: dict[str, list], ablation: Ablation |
     if spec.baseline is not None:
         _report_baseline(spec, path, planned)
     return _report_paper(spec, path)
+
+
+def _report_names(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(path, "report.names", f"expected a mapping of name -> display name (strings), e.g. "
+                                                f"{{fixmatch: FixMatch}}, got {value!r}")
+    return tuple(value.items())
 
 
 def _report_paper(spec: ReportSpec, path: str) -> ReportSpec:

@@ -16,8 +16,14 @@ What lands where (``<storage>`` is the study's storage)::
   bootstrap CIs and paper numbers as the report block says, per-class IoU, pseudo-label quality, cost, manifest;
   for a search: best configs, importances, history), and the figures of :mod:`sslray.plots` as images.
 
-Mode: ``tracking: {wandb: offline | online | disabled}`` in the study file, else the ``WANDB_MODE`` environment
-variable, else ``offline`` (no network, no account). ``disabled`` never imports wandb.
+Mode: the ``WANDB_MODE`` environment variable (as W&B users expect: the environment wins), else ``tracking: {wandb:
+offline | online | disabled}`` in the study file, else ``offline`` (no network, no account); an unknown
+``WANDB_MODE`` is refused in one line before anything starts. ``disabled`` never imports wandb.
+
+Trial runs log the training metrics every ``run.log_every`` iterations and the evaluation metrics at every
+evaluation (one step per iteration). The summary run has one id per study (``run_id(study, "summary")``): a
+re-run of ``sslray run`` writes the same run again (``wandb sync`` updates it) instead of adding one. Its tables
+have numeric columns (mean, std, n, delta, p) beside the formatted cell, so they sort and chart in the W&B UI.
 
 Secrets: nothing sslray logs comes from the environment. Config and summary keys that look like credentials
 (``api_key``, ``token``, ``secret``, ``password``) are dropped and any value containing the current
@@ -46,19 +52,28 @@ _ENV_MODES = {"offline": "offline", "dryrun": "offline", "online": "online", "ru
 
 def settings_for(study: "Study", storage: str) -> dict[str, Any] | None:
     """The JSON-able tracking settings a study's trials carry (None: tracking off). ``storage`` is the study's root:
-    W&B writes its run files under ``<dir>/wandb``, which is ``StudyStorage.wandb_dir``."""
-    mode = study.tracking.wandb or env_mode()
+    W&B writes its run files under ``<dir>/wandb``, which is ``StudyStorage.wandb_dir``. Raises ConfigError for an
+    unknown ``WANDB_MODE``."""
+    mode = env_mode() or study.tracking.wandb or "offline"
     if mode == "disabled":
         return None
     return {"mode": mode, "project": study.tracking.project, "entity": study.tracking.entity,
             "dir": os.path.abspath(storage)}
 
 
-def env_mode() -> str:
-    """``WANDB_MODE`` (``WANDB_DISABLED=true`` too) as offline / online / disabled; offline when unset."""
+def env_mode() -> str | None:
+    """``WANDB_MODE`` (``WANDB_DISABLED=true`` too) as offline / online / disabled; None when unset. An unknown mode
+    is a ConfigError naming the variable (W&B itself would fail later, inside every trial)."""
     if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
         return "disabled"
-    return _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower(), "offline")
+    raw = os.environ.get("WANDB_MODE", "").strip()
+    if not raw:
+        return None
+    if raw.lower() not in _ENV_MODES:
+        from sslray.config import ConfigError
+
+        raise ConfigError("environment", "WANDB_MODE", f"expected one of {', '.join(_ENV_MODES)}, got {raw!r}")
+    return _ENV_MODES[raw.lower()]
 
 
 def run_id(study: str, trial_id: str) -> str:
@@ -164,7 +179,7 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
     import wandb
 
     from sslray import plots
-    from sslray.report import frame
+    from sslray.report.render import numeric_frame
     from sslray.results import ResultsStore
     from sslray.storage import StudyStorage
 
@@ -178,8 +193,9 @@ def _log_study(study: "Study", storage: str, settings: Mapping[str, Any]) -> str
         except ValueError as e:  # e.g. a ratio partition of a dataset whose split files are not written yet
             print(f"sslray: figures left out of the W&B summary run: {e}", file=sys.stderr)
     run = _init(settings, group=study.name, job_type="summary", name=f"{study.name}-summary",
+                id=run_id(study.name, "summary"), resume="allow",  # one summary run per study: re-runs update it
                 config=scrub({"study": study.name, "study_file": os.path.abspath(study.path)}))
-    run.log({f"tables/{name}": wandb.Table(dataframe=frame(t).astype(str)) for name, t in named.items()}
+    run.log({f"tables/{name}": wandb.Table(dataframe=numeric_frame(t)) for name, t in named.items()}
             | {f"plots/{os.path.splitext(os.path.basename(p))[0]}": wandb.Image(p) for p in figures})
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     run.summary.update({"trials": int(len(df)), **{f"trials_{k}": int(v) for k, v in counts.items()},

@@ -324,13 +324,16 @@ def _streams(parts: _Parts, start: int) -> Callable[[], tuple[dict, dict | None,
 
 
 def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | None = None,
-        resume_from: str | None = None, out_dir: str | None = None) -> FitResult:
+        resume_from: str | None = None, out_dir: str | None = None,
+        on_log: Callable[[dict], None] | None = None) -> FitResult:
     """Train one trial of the resolved ``cfg``; returns its :class:`FitResult` (final metrics, history).
 
     ``runtime`` (rank, world size, device) is detected from torch.distributed when None. ``reporter`` is called after
     every evaluation on every rank with (metrics, checkpoint directory: None on ranks other than 0 and with
     checkpointing off). ``resume_from`` is a checkpoint directory, or "auto" for ``<out_dir>/checkpoint`` when
     present. ``out_dir`` gets splits and checkpoints (default ``cfg.run.out_dir`` or ``runs/<name>-<id>``).
+    ``on_log`` gets the training metrics every ``run.log_every`` iterations between evaluations (W&B), on every
+    rank (the callee decides which logs).
     """
     runtime = runtime or Runtime.detect(cfg.run.device)
     device, world = runtime.device, runtime.world_size
@@ -372,6 +375,8 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
         if (it + 1) % cfg.run.log_every == 0 or (it + 1) % cfg.train.eval_every == 0 or last:
             metrics = {"iteration": it + 1, "train/lr": lr, **_mean_across_ranks(meter.means(), world, device),
                        **log.timing(device)}
+            if on_log is not None and not ((it + 1) % cfg.train.eval_every == 0 or last):
+                on_log(dict(metrics))  # an evaluation step reports its metrics (these included) to the reporter
         if (it + 1) % cfg.train.eval_every == 0 or last:
             metrics, checkpoint = _evaluate_and_save(parts, progress, metrics, it + 1, ckpt_dir, t_start)
             bar.evaluated(metrics)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sslray.plots import (ablation_figure, curves_figure, efficiency_figure, labeled_counts, plot_study, save)
 from sslray.study import load_study
-from sslray.report import ablation_table, cell_members, comparison_table
+from sslray.report import ablation_table, cell_members, comparison_table, study_report
 
 MIOU = {"supervised": {"16": [30.0, 34.0], "64": [40.0, 42.0]}, "unimatch": {"16": [38.0, 40.0], "64": [45.0, 47.0]}}
 
@@ -42,12 +42,18 @@ def test_efficiency_lines_carry_means_over_labeled_counts(study, results):
     assert labeled == {"16": 16, "64": 64}
     fig = efficiency_figure(table, labeled)
     ax = fig.axes[0]
-    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
-    assert lines == {"supervised": ([16, 64], [32.0, 41.0]), "unimatch": ([16, 64], [39.0, 46.0])}
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()
+             if not ln.get_label().startswith("_")}
+    assert {k: v[1] for k, v in lines.items()} == {"Supervised": [32.0, 41.0], "UniMatch": [39.0, 46.0]}
+    dodge = 2 ** 0.02  # the two rows' points at one x are pushed apart by 0.04 of an octave
+    assert lines["Supervised"][0] == pytest.approx([16 / dodge, 64 / dodge])
+    assert lines["UniMatch"][0] == pytest.approx([16 * dodge, 64 * dodge])
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "labeled images" and ax.get_ylabel() == "mIoU (%)"
     band = ax.collections[0].get_paths()[0].vertices  # supervised: mean +- std (2.83 at 16, 1.41 at 64)
     assert band[:, 1].min() == pytest.approx(32.0 - np.std([30, 34], ddof=1))
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["supervised", "unimatch"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Supervised", "UniMatch"]
+    assert ax.get_legend().get_title().get_text() == "method"
+    assert "mean ± std over n = 2 seeds" in ax.get_title()
 
 
 def test_labeled_counts_of_ratios_use_the_synthetic_pool(tmp_path):
@@ -78,9 +84,9 @@ def test_curves_one_panel_per_column(study, results):
     df, hist = results
     rows, cols, members = cell_members(df, study.trials(unique=False), "method.name", "data.partition")
     fig = curves_figure(hist, members, rows, cols, "val/miou", "method.name", "data.partition")
-    assert [ax.get_title() for ax in fig.axes] == ["data.partition = 16", "data.partition = 64"]
+    assert [ax.get_title() for ax in fig.axes] == ["labeled images = 16", "labeled images = 64"]
     sup16 = fig.axes[0].get_lines()[0]
-    assert sup16.get_label() == "supervised" and list(sup16.get_xdata()) == [50, 100]
+    assert sup16.get_label() == "Supervised" and list(sup16.get_xdata()) == [50, 100]
     assert list(sup16.get_ydata()) == [16.0, 32.0]  # mean over seeds at each evaluation
 
 
@@ -102,3 +108,33 @@ def test_plot_study_writes_png_and_svg_that_open(study, results, tmp_path):
     assert again.read_bytes() == open(svg[0], "rb").read()  # no timestamp: the same results give the same file
     with pytest.raises(ValueError, match="unknown plot format 'gif'"):
         plot_study(study, df, hist, str(tmp_path), fmt="gif")
+
+
+def test_paper_formats_keep_text_and_png_is_300_dpi(study, results, tmp_path):
+    df, hist = results
+    out = str(tmp_path / "figs")
+    (pdf,) = plot_study(study, df, hist, out, kinds=["efficiency"], fmt="pdf")
+    data = open(pdf, "rb").read()
+    assert data.startswith(b"%PDF") and b"FontFile2" in data and b"/Type3" not in data  # TrueType (fonttype 42)
+    (svg,) = plot_study(study, df, hist, out, kinds=["efficiency"], fmt="svg")
+    texts = ["".join(t.itertext()) for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text")]
+    assert "labeled images" in texts and "Supervised" in texts  # real text, not glyph outlines
+    (png,) = plot_study(study, df, hist, out, kinds=["efficiency"], fmt="png")
+    with Image.open(png) as im:
+        assert round(im.info["dpi"][0]) == 300
+
+
+def test_one_partition_says_there_is_no_curve_and_names_are_overridable(tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text("name: one\ngrid:\n  method.name: [supervised, unimatch]\nseeds: [0]\n"
+                    "report: {names: {unimatch: UniMatch V1}}\n")
+    one = load_study(str(path))
+    df = pd.DataFrame([{"study": "one", "trial_id": t.trial_id, "status": "ok", "seed": t.seed,
+                        "cfg.method.name": t.config.method.name, "cfg.data.partition": t.config.data.partition,
+                        "val/miou": 40.0 if t.config.method.name == "unimatch" else 35.0} for t in one.trials()])
+    table = study_report(one, df, sections=["efficiency"])["efficiency"]
+    (part,) = table.cols
+    ax = efficiency_figure(table, labeled_counts(one.trials())).axes[0]
+    assert f"only one partition ({part} labeled images): no curve to draw" in ax.get_title()
+    assert "mean ± std over n = 1 seed" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Supervised", "UniMatch V1"]

@@ -65,12 +65,12 @@ def test_dry_run_and_status_do_not_import_ray(tmp_path):
                                   "storage": str(tmp_path / "store")})
     code = ("import sys; from sslray.cli import main; "
             f"assert main(['run', {path!r}, '--dry-run']) == 0; "
-            f"assert main(['status', {path!r}]) == 0; "
+            f"assert main(['status', {path!r}]) == 1; "  # nothing stored yet: one line, exit 1
             "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))[:5]")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 to run, 0 already stored" in proc.stdout and "0 done, 0 failed, 0 started, 2 missing" in proc.stdout
+    assert "2 to run, 0 already stored" in proc.stdout and "no results of study 'noray' found" in proc.stderr
     assert not (tmp_path / "store").exists()  # planning creates nothing
 
 
@@ -83,8 +83,8 @@ def test_status_with_set_shows_the_trials_of_a_run_with_set(tmp_path, capsys):
         ResultsStore(store).write(make_row("withset", t.point, t.config, "ok", {"val/miou": 10.0}, None, 1.0, "cpu"))
     assert cli.main(["status", path, "--set", over[0]]) == 0
     assert "2 done, 0 failed, 0 started, 0 missing" in capsys.readouterr().out
-    assert cli.main(["status", path]) == 0  # without it: other ids, none stored
-    assert "0 done, 0 failed, 0 started, 2 missing" in capsys.readouterr().out
+    assert cli.main(["status", path]) == 1  # without it: other ids, none stored, and status says so
+    assert "holds 2 row(s) of other trials or studies" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["run", "status", "table", "plot"])

@@ -89,11 +89,11 @@ def test_missing_failed_and_partial_cells(planned):
         45.0, 0.0, 1, "partial", "1 failed: worker died, 1 missing")
     assert table.best("16") == ["supervised"] and table.delta("fixmatch", "16") is None
     assert render(table, "markdown") == (
-        "| method.name | 16 | Δ 16 | 64 | Δ 64 |\n"
+        "| method | mIoU (%), labeled images: 16 | Δ 16 | mIoU (%), labeled images: 64 | Δ 64 |\n"
         "| --- | ---: | ---: | ---: | ---: |\n"
-        "| supervised | **32.0 ± 2.0 (n=3)** |  | 40.5 ± 0.7 (n=2 of 3) |  |\n"
+        "| supervised | **32.0 ± 2.0 (n=3)** | baseline | 40.5 ± 0.7 (n=2 of 3) | baseline |\n"
         "| fixmatch | failed (non-finite loss) |  | **45.0 ± 1.7 (n=3)** | +4.5 |\n"
-        "| unimatch | missing |  | **45.0 ± 0.0 (n=1 of 3)** | +4.5 |\n")
+        "| unimatch | missing |  | **45.0 (n=1 of 3)** | +4.5 |\n")  # one seed: no \"± 0.0\"
 
 
 def test_rows_outside_the_plan_are_ignored(planned):
@@ -145,9 +145,9 @@ def test_ablation_table_lists_what_each_variant_changes(tmp_path):
     assert [table.delta(r, "16") for r in table.rows] == [None, -3.5, -0.5]
     assert render(table, "markdown") == (
         "**Ablation**\n\n"
-        "| variant | 16 | Δ 16 | changes |\n"
+        "| variant | mIoU (%), labeled images: 16 | Δ 16 | changes |\n"
         "| --- | ---: | ---: | --- |\n"
-        "| full | **51.0 ± 1.4 (n=2)** |  | (full method) |\n"
+        "| full | **51.0 ± 1.4 (n=2)** | baseline | baseline (changes nothing) |\n"
         "| -fp | 47.5 ± 0.7 (n=2) | -3.5 | method.terms.u_fp.weight=0 |\n"
         "| -s2 | <u>50.5 ± 2.1 (n=2)</u> | -0.5 | method.terms.u_s2.weight=0 |\n")
 
@@ -161,14 +161,14 @@ def test_markdown(full_table):
     # 16: unimatch best, fixmatch second; 64: fixmatch and unimatch tie for best, so nobody is second (1, 1, 3)
     assert full_table.second("16") == ["fixmatch"] and full_table.second("64") == []
     assert render(full_table, "markdown") == (
-        "| method.name | 16 | Δ 16 | 64 | Δ 64 |\n"
+        "| method | mIoU (%), labeled images: 16 | Δ 16 | mIoU (%), labeled images: 64 | Δ 64 |\n"
         "| --- | ---: | ---: | ---: | ---: |\n"
-        "| supervised | 32.0 ± 2.0 (n=3) |  | 41.0 ± 1.0 (n=3) |  |\n"
+        "| supervised | 32.0 ± 2.0 (n=3) | baseline | 41.0 ± 1.0 (n=3) | baseline |\n"
         "| fixmatch | <u>36.0 ± 1.0 (n=3)</u> | +4.0 | **45.0 ± 1.7 (n=3)** | +4.0 |\n"
         "| unimatch | **40.0 ± 2.6 (n=3)** | +8.0 | **45.0 ± 1.0 (n=3)** | +4.0 |\n")
 
 
-def test_paired_t_significance_is_holm_corrected_and_marked(full_table):
+def test_paired_t_significance_is_holm_corrected_and_marked(full_table, planned):
     # differences against supervised per seed: fixmatch 16 [5, 4, 3] (t = 4 / (1 / sqrt 3), df 2: p = 0.0202),
     # unimatch 16 [8, 7, 9] (p = 0.00517), fixmatch 64 [4, 3, 5] (p = 0.0202), unimatch 64 [4, 4, 4] (p = 0)
     table = with_significance(full_table, "auto", alpha=0.05)  # 3 seeds: auto is the t-test
@@ -180,9 +180,9 @@ def test_paired_t_significance_is_holm_corrected_and_marked(full_table):
                     ("unimatch", "64"): 0.0}
     assert {t.test for t in table.tests.values()} == {"t"}
     assert render(table, "markdown") == (
-        "| method.name | 16 | Δ 16 | 64 | Δ 64 |\n"
+        "| method | mIoU (%), labeled images: 16 | Δ 16 | mIoU (%), labeled images: 64 | Δ 64 |\n"
         "| --- | ---: | ---: | ---: | ---: |\n"
-        "| supervised | 32.0 ± 2.0 (n=3) |  | 41.0 ± 1.0 (n=3) |  |\n"
+        "| supervised | 32.0 ± 2.0 (n=3) | baseline | 41.0 ± 1.0 (n=3) | baseline |\n"
         "| fixmatch | <u>36.0 ± 1.0 (n=3)</u>† | +4.0 | **45.0 ± 1.7 (n=3)**† | +4.0 |\n"
         "| unimatch | **40.0 ± 2.6 (n=3)**† | +8.0 | **45.0 ± 1.0 (n=3)**† | +4.0 |\n"
         "\n"
@@ -190,6 +190,12 @@ def test_paired_t_significance_is_holm_corrected_and_marked(full_table):
         "Holm p: fixmatch @ 16 p=0.0404 (raw 0.0202, t, n=3); "
         "unimatch @ 16 p=0.0155 (raw 0.00517, t, n=3); fixmatch @ 64 p=0.0404 (raw 0.0202, t, n=3); "
         "unimatch @ 64 p=0 (raw 0, t, n=3).\n")
+    df16 = results(planned)
+    only16 = comparison_table(df16[df16["cfg.data.partition"] == "16"], None, "method.name", "data.partition",
+                              baseline="supervised")
+    none = render(with_significance(only16, "t", alpha=0.01), "markdown")  # Holm p 0.0103, 0.0202: no mark
+    assert "†" not in none and none.endswith("No difference against supervised is significant at p < 0.01 (paired "
+                                             "test over seeds, Holm-corrected over 2 comparisons).\n")
     strict = with_significance(full_table, "t", alpha=0.01)
     assert [k for k in strict.tests if strict.significant(*k)] == [("unimatch", "64")]
     assert with_significance(full_table, "none").tests == {}
@@ -250,9 +256,9 @@ def test_paper_numbers_beside_reproduced(tmp_path, planned, full_table):
                      "rows:\n  supervised: {16: 30.5}\n  unimatch: {16: 42.0}\n")
     table = with_paper_numbers(full_table, load_paper_numbers(str(paper)))
     assert render(table, "markdown").splitlines()[:3] == [
-        "| method.name | 16 | 16 (paper) | Δ 16 | 64 | Δ 64 |",
+        "| method | mIoU (%), labeled images: 16 | 16 (paper) | Δ 16 | mIoU (%), labeled images: 64 | Δ 64 |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
-        "| supervised | 32.0 ± 2.0 (n=3) | 30.5 |  | 41.0 ± 1.0 (n=3) |  |"]
+        "| supervised | 32.0 ± 2.0 (n=3) | 30.5 | baseline | 41.0 ± 1.0 (n=3) | baseline |"]
     assert render(table, "markdown").endswith("\npaper: Some paper (2023), Table 1.\n")
     study = tmp_path / "s.yaml"
     study.write_text("name: s\ngrid: {method.name: [supervised, unimatch]}\n"
@@ -324,7 +330,7 @@ def test_manifest_lists_what_reproduces_each_trial(planned, tmp_path):
     assert first[4] == planned[0].trial_id and first[6] == "labeled.txt=" + "ab" * 32
     assert first[7] == f"sslray train {planned[0].trial_id[:6]}.yaml"
     assert first[5] == "unknown (not a git checkout)" or re.fullmatch(r"[0-9a-f]{40}( \(dirty\))?", first[5])
-    assert listing.notes[0].startswith("package versions (every trial): ") and ", torch 2." in listing.notes[0]
+    assert listing.notes[0].startswith("package versions (every trial): ") and "torch 2." in listing.notes[0]
     assert {r[3] for r in listing.rows} == {"ok", "missing"}
 
 
@@ -356,9 +362,9 @@ def test_latex(full_table):
         "% val/miou (last evaluation): mean +- std over seeds; best per column in bold, second underlined\n"
         "\\begin{tabular}{lrrrr}\n"
         "\\toprule\n"
-        "method.name & 16 & $\\Delta$ 16 & 64 & $\\Delta$ 64 \\\\\n"
+        "method & mIoU (\\%), labeled images: 16 & $\\Delta$ 16 & mIoU (\\%), labeled images: 64 & $\\Delta$ 64 \\\\\n"
         "\\midrule\n"
-        "supervised & 32.0 $\\pm$ 2.0 &  & 41.0 $\\pm$ 1.0 &  \\\\\n"
+        "supervised & 32.0 $\\pm$ 2.0 & baseline & 41.0 $\\pm$ 1.0 & baseline \\\\\n"
         "fixmatch & \\underline{36.0 $\\pm$ 1.0}$^\\dagger$ & $+4.0$ & \\textbf{45.0 $\\pm$ 1.7}$^\\dagger$ & $+4.0$ \\\\\n"
         "unimatch & \\textbf{40.0 $\\pm$ 2.6}$^\\dagger$ & $+8.0$ & \\textbf{45.0 $\\pm$ 1.0}$^\\dagger$ & $+4.0$ \\\\\n"
         "\\bottomrule\n"
@@ -408,7 +414,7 @@ def test_html_is_balanced_and_marks_best(full_table):
 
 def test_frame_is_plain_text(full_table):
     f = frame(with_significance(full_table, "t"))
-    assert list(f.columns) == ["method.name", "16", "Δ 16", "64", "Δ 64"]
+    assert list(f.columns) == ["method", "mIoU (%), labeled images: 16", "Δ 16", "mIoU (%), labeled images: 64", "Δ 64"]
     assert f.iloc[2, 1] == "40.0 ± 2.6 (n=3)†"
 
 
@@ -416,7 +422,7 @@ def test_latex_escapes_labels(planned):
     df = results(planned)
     df = df[df["cfg.data.partition"] == "16"].assign(**{"cfg.data.partition": "1_8"})
     table = comparison_table(df, None, "method.name", "data.partition")
-    assert "method.name & 1\\_8 \\\\" in render(table, "latex")
+    assert "method & mIoU (\\%), labeled images: 1\\_8 \\\\" in render(table, "latex")
 
 
 def test_unknown_format(full_table):

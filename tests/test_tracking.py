@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def records(path):
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if len(chunk) < length:  # the writer is still at it: the last record is not complete yet
+            return
         if kind == 0:
             continue
         buf = chunk if kind in (1, 2) else buf + chunk
@@ -42,9 +45,22 @@ def records(path):
             yield r
 
 
-def read_run(run_dir):
-    """run record, config dict, history rows (by step), merged summary and exit code of one offline run."""
+def read_run(run_dir, timeout=60.0):
+    """run record, config dict, history rows (by step), merged summary and exit code of one offline run.
+
+    ``run.finish()`` returns before wandb-core has flushed the last records (history, summary, exit) to the .wandb
+    file; on a loaded machine a read right after it saw a truncated run (the KeyError of the flaky read-back test).
+    The exit record is written last, so the file is read again until it holds one."""
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _read_records(path)
+        if out["exit_code"] is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_records(path):
     out = {"history": {}, "summary": {}, "exit_code": None, "config": {}}
     for r in records(path):
         kind = r.WhichOneof("record_type")
@@ -55,7 +71,7 @@ def read_run(run_dir):
             out["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
         elif kind == "history":
             row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            out["history"][row["_step"]] = row
+            out["history"][row.get("_step")] = row
         elif kind == "summary":
             out["summary"].update({"/".join(u.nested_key) or u.key: json.loads(u.value_json)
                                    for u in r.summary.update})
@@ -139,15 +155,26 @@ def test_study_summary_run_holds_tables_and_plots(wandb_env):
     media = Path(summary_run) / "files" / "media"
     (comparison,) = (media / "table" / "tables").glob("comparison_*.table.json")
     table = json.loads(comparison.read_text())
-    assert table["columns"] == ["method.name", "16", "Δ 16"]
+    assert table["columns"] == ["method.name", "data.partition", "mean", "std", "n", "planned", "status", "delta",
+                                "p_holm", "significant", "cell"]
     # trials in plan order (seed-major) scored 30, 35 + 1, 30 + 2, 35 + 3: supervised 31, fixmatch 37
-    assert [row[0] for row in table["data"]] == ["supervised", "fixmatch"] and table["data"][1][2] == "+6.0"
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == ["supervised", "fixmatch"]
+    assert (rows["fixmatch"]["mean"], rows["fixmatch"]["n"], rows["fixmatch"]["delta"]) == (37.0, 2, 6.0)  # numbers
+    assert rows["fixmatch"]["cell"].startswith("37.0 ± 1.4 (n=2)")
+    assert rows["supervised"]["delta"] is None or rows["supervised"]["delta"] != rows["supervised"]["delta"]  # NaN
+    cost = json.loads(next((media / "table" / "tables").glob("cost_*.table.json")).read_text())
+    assert isinstance(dict(zip(cost["columns"], cost["data"][0]))["CPU-h"], float)
     assert {p.name.split("_")[0] for p in (media / "table" / "tables").glob("*.json")} == {
         "comparison", "per", "pseudo", "cost", "manifest"}
     assert {p.name.split("_")[0] for p in (media / "images" / "plots").glob("*.png")} == {"efficiency", "curves"}
     read = read_run(summary_run)
     assert read["run"].job_type == "summary" and read["summary"]["trials"] == 4 and read["summary"]["trials_ok"] == 4
     assert read["summary"]["cpu_hours"] == pytest.approx(4 * 36.0 / 3600)
+    assert read["run"].run_id == tracking.run_id("s", "summary")
+    tracking.log_study(study, str(storage), tracking.settings_for(study, str(storage)))  # a re-run of sslray run
+    again = [read_run(r)["run"].run_id for r in offline_runs(storage)]
+    assert again == [tracking.run_id("s", "summary")] * 2  # the same W&B run, written again: sync updates it
     assert_no_secret(storage)
 
 
@@ -185,9 +212,16 @@ def test_mode_resolution_and_validation(tmp_path, monkeypatch):
     assert tracking.settings_for(study, str(tmp_path))["mode"] == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.settings_for(study, str(tmp_path)) is None
-    path.write_text("name: s\ntracking: {wandb: offline, project: papers}\n")  # the study file wins over the env
+    path.write_text("name: s\ntracking: {wandb: offline, project: papers}\n")  # the environment wins (as in W&B)
+    assert tracking.settings_for(load_study(str(path)), str(tmp_path)) is None
+    monkeypatch.delenv("WANDB_MODE")
     s = tracking.settings_for(load_study(str(path)), str(tmp_path))
     assert (s["mode"], s["project"], s["dir"]) == ("offline", "papers", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match=r"^environment: WANDB_MODE: expected one of offline, dryrun, online, run, "
+                                          r"disabled, got 'sometimes'$"):
+        tracking.settings_for(load_study(str(path)), str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE")
     path.write_text("name: s\ntracking: {wandb: sometimes}\n")
     with pytest.raises(ConfigError, match=r"s\.yaml: tracking\.wandb: expected one of \['offline', 'online', "):
         load_study(str(path))
@@ -243,3 +277,35 @@ def test_smoke_study_on_ray_writes_runs_tables_and_figures(tmp_path, capsys):
     assert [os.path.basename(p) for p in paths] == ["efficiency.png", "curves.png"]
     with Image.open(paths[0]) as im:
         assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_unknown_wandb_mode_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    from sslray import cli
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nstorage: {tmp_path / 'store'}\n")
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    assert cli.main(["run", str(path), "--dry-run"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("sslray: error: environment: WANDB_MODE: expected one of") and len(err.splitlines()) == 1
+
+
+def test_training_metrics_are_logged_every_log_every(wandb_env):
+    """The trainer's on_log hook: train/* every run.log_every iterations, val/* at the evaluations only."""
+    from sslray.trainer import fit
+
+    cfg = TrialConfig.from_dict({
+        "name": "logs", "method": {"name": "fixmatch"}, "model": {"name": "small", "width": 8},
+        "data": {"crop_size": 32, "batch_size_x": 2, "batch_size_u": 2, "partition": "4",
+                 "synthetic": {"size": 32, "num_train": 12, "num_val": 2}},
+        "train": {"iterations": 6, "eval_every": 3}, "run": {"log_every": 1, "threads": 1}})
+    storage = wandb_env / "store"
+    settings = {"mode": "offline", "project": "sslray", "entity": None, "dir": str(storage)}
+    run = tracking.TrialRun.start(settings, "s", cfg)
+    fit(cfg, reporter=run.reporter(lambda m, ck: None), out_dir=str(wandb_env / "out"), on_log=run.log)
+    run.finish("ok", None, None)
+    (run_dir,) = offline_runs(storage)
+    history = read_run(run_dir)["history"]
+    assert sorted(history) == [1, 2, 3, 4, 5, 6]
+    assert all("train/loss" in history[i] and "train/lr" in history[i] for i in history)
+    assert [i for i in history if "val/miou" in history[i]] == [3, 6]

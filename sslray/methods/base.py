@@ -25,63 +25,12 @@ Under DDP the module is not wrapped: the trainer averages its gradients across r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-@dataclass(frozen=True)
-class TermConfig:
-    """A loss term's settings: its weight, plus settings in subclasses (a term's ``config_cls`` in ``TERMS``).
-
-    ``sslray.config`` builds these from YAML like any config section: unknown keys and wrong types are errors,
-    ``CHOICES`` (class attribute, setting -> allowed values) are checked, the weight must be >= 0, and then
-    ``problems()`` reports what the generic rules miss.
-    """
-
-    weight: float = 1.0
-
-    def problems(self) -> list[tuple[str, str]]:
-        """Invalid settings as (setting, what was expected); subclasses check ranges the generic rules miss."""
-        return []
-
-
-@dataclass(frozen=True)
-class Term:
-    """A loss term: ``fn(outputs, settings, ctx) -> scalar tensor``.
-
-    ``needs`` names what the shared step must compute for it: ``u`` (unlabeled batch, teacher
-    pseudo-labels), ``s1``/``s2`` (student on a strong view), ``fp`` (feature-perturbed weak view), ``w``
-    (student on the weak view, with gradient, even under an EMA teacher). A term of a ``family`` is called
-    as ``fn(outputs, settings, ctx, module)`` with the family's shared :class:`MethodModule`.
-    """
-
-    fn: Callable[..., Any]
-    config_cls: type
-    needs: frozenset[str]
-    doc: str
-    family: str | None = None
-
-
-@dataclass(frozen=True)
-class Family:
-    """Builds the heads/state shared by a family's terms: ``build(active term settings, ModuleContext)``.
-
-    ``check(active term settings)`` returns what is inconsistent across the family's terms as (``<term>.<setting>``,
-    message) pairs; config validation calls it, so a study with such a method fails before anything starts.
-    """
-
-    build: Callable[[dict[str, Any], "ModuleContext"], "MethodModule"]
-    doc: str
-    check: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
-
-
-def raise_problems(problems: list[tuple[str, str]]) -> None:
-    """For a family's ``build``: the first problem of its ``check`` as a ValueError naming the dotted key."""
-    for key, message in problems:
-        raise ValueError(f"method.terms.{key}: {message}")
+from sslray.methods.spec import Family, Term, TermConfig, raise_problems  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -101,57 +101,14 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sslray.layers import init_weights, upsample
-from sslray.methods.base import Family, MethodModule, ModuleContext, Term, TermConfig, raise_problems
-
-
-@dataclass(frozen=True)
-class GuidedMixConfig(TermConfig):
-    """Settings of the ``guidedmix`` term; they also shape the family's module (heads, MITrans)."""
-
-    mode: str = "code"  # code: feature mixing + mix head + focal (official code) | paper: image mixup + pseudo masks
-    lambda_max: float = 0.5  # lam ~ U(0, min(lambda_max, 0.5)); 0.4 in the code's cityscapes_372, 0.1-0.3 ablations
-    pairing: str = "auto"  # auto (code: random, paper: similarity) | random | similarity (cos of GAP(c4))
-    decouple: bool = True  # subtract the labeled share from the mixed prediction; false: use z_mix directly
-    mitrans: bool = False  # the non-local MITrans module on the mixed features
-    mitrans_pool: int = 1  # average-pool keys/values of the non-local attention by this factor
-    # code mode
-    head: str = "decoder"  # decoder: copy of the main decoder after ASPP, at z_l's stride | aspp: at c4's stride
-    head_dropout: float = 0.1  # Dropout2d before the mix head's classifier (mmseg decode heads: 0.1)
-    cls_init: str = "normal"  # mix head classifier: normal: N(0, 0.01), zero bias (mmseg conv_seg) | kaiming
-    detach_zl: bool = False  # stop the decoupling's gradient into z_l (the code does not: false)
-    focal_gamma: float = 0.5
-    focal_alpha: float = 0.5
-    # paper mode
-    pseudo: str = "decoupled"  # decoupled: masks from the mixed prediction | self: plain self-training
-    fuse: float = 0.5  # weight of the teacher's probabilities fused into the decoupled ones (0: none)
-    pseudo_thresh: float = 0.0  # pixels whose fused confidence is below are left out
-
-    CHOICES: ClassVar[dict[str, tuple]] = {"mode": ("code", "paper"), "pairing": ("auto", "random", "similarity"),
-                                           "head": ("decoder", "aspp"), "cls_init": ("normal", "kaiming"),
-                                           "pseudo": ("decoupled", "self")}
-
-    def problems(self) -> list[tuple[str, str]]:
-        bad = []
-        if not 0.0 < self.lambda_max <= 1.0:
-            bad.append(("lambda_max", f"expected a value in (0, 1], got {self.lambda_max!r}"))
-        if self.mitrans_pool < 1:
-            bad.append(("mitrans_pool", f"expected an integer >= 1, got {self.mitrans_pool!r}"))
-        if not 0.0 <= self.head_dropout < 1.0:
-            bad.append(("head_dropout", f"expected a value in [0, 1), got {self.head_dropout!r}"))
-        if self.focal_gamma < 0:
-            bad.append(("focal_gamma", f"expected a non-negative value, got {self.focal_gamma!r}"))
-        for key in ("focal_alpha", "fuse", "pseudo_thresh"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                bad.append((key, f"expected a value in [0, 1], got {getattr(self, key)!r}"))
-        return bad
+from sslray.methods.base import MethodModule, ModuleContext, TermConfig, raise_problems
+from sslray.methods.settings import GuidedMixConfig, check_guidedmix as check  # noqa: F401 - re-exported
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,18 +233,6 @@ class MITrans(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # the family module
-
-
-def check(terms: dict[str, TermConfig]) -> list[tuple[str, str]]:
-    """guidedmix_mix shares guidedmix's (paper-mode) mixing; paper-mode MITrans is trained only by guidedmix_mix."""
-    cfg = terms.get("guidedmix")
-    if cfg is None or cfg.mode != "paper" and "guidedmix_mix" in terms:
-        return [("guidedmix_mix.weight", "needs the term guidedmix with mode paper and a weight > 0 (it shares its "
-                                         "mixing settings)")]
-    if cfg.mode == "paper" and cfg.mitrans and "guidedmix_mix" not in terms:
-        return [("guidedmix.mitrans", "in paper mode MITrans is trained only by the term guidedmix_mix; give it a "
-                                      "weight > 0")]
-    return []
 
 
 class GuidedMixModule(MethodModule):
@@ -436,25 +381,3 @@ def loss_guidedmix(out, cfg: GuidedMixConfig, ctx, module: GuidedMixModule) -> t
 
 def loss_guidedmix_mix(out, cfg: TermConfig, ctx, module: GuidedMixModule) -> torch.Tensor:
     return module.mixup_loss(out, ctx)
-
-
-TERMS: dict[str, Term] = {
-    "guidedmix": Term(loss_guidedmix, GuidedMixConfig, frozenset({"u", "w"}),
-                      "GuidedMix-Net: labeled/unlabeled mixing with decoupling (mode code: mix head + focal; "
-                      "paper: image mixup + pseudo masks)", family="guidedmix"),
-    "guidedmix_mix": Term(loss_guidedmix_mix, TermConfig, frozenset({"u", "w"}),
-                          "GuidedMix-Net paper mode: mixup CE on the mixed image (trains MITrans there)",
-                          family="guidedmix"),
-}
-
-FAMILIES: dict[str, Family] = {
-    "guidedmix": Family(GuidedMixModule, "GuidedMix-Net mixing head and optional MITrans (non-local) module",
-                        check),
-}
-
-PRESETS: dict[str, dict] = {
-    # the official code: L = L_x + 10 * focal(decoupled mix head, detached main prediction)
-    "guidedmix": {"base": "supervised", "terms": {"guidedmix": {"weight": 10.0}}},
-    # the paper reconstruction: L = L_x + CE(f(u), pseudo mask from the decoupled mixed prediction)
-    "guidedmix_paper": {"base": "supervised", "terms": {"guidedmix": {"weight": 1.0, "mode": "paper"}}},
-}

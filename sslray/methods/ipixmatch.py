@@ -80,34 +80,15 @@ that keeps the graph connected).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from sslray.methods.base import Family, MethodModule, Term, TermConfig
+from sslray.methods.base import MethodModule
+from sslray.methods.settings import IPixTermConfig  # noqa: F401 - re-exported
 
 _NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps log_softmax and its gradient finite
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class IPixTermConfig(TermConfig):
-    """Settings of one IPixMatch view term (see the module docstring)."""
-
-    relation: str = "per_class"  # per_class | pairwise
-    distance: str = "kl"  # kl | correlation
-    temperature: float = 1.0  # KL forms only
-    conf_thresh: float | None = None  # None: inherit method.conf_thresh
-    resolution: str = "decoder"  # decoder | full
-    max_nodes: int = 4096  # pairwise: nodes per image
-    node_select: str = "random"  # pairwise: random | pool
-    scale: str = "confident_share"  # confident_share | none: weigh each image by its share of confident pixels
-
-    CHOICES: ClassVar[dict[str, tuple]] = {"relation": ("per_class", "pairwise"), "distance": ("kl", "correlation"),
-                                           "resolution": ("decoder", "full"), "node_select": ("random", "pool"),
-                                           "scale": ("confident_share", "none")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,32 +335,7 @@ def _term(view: str):
 
 loss_ipix_s1, loss_ipix_s2, loss_ipix_fp, loss_ipix_x = (_term(v) for v in ("s1", "s2", "fp", "x"))
 
-TERMS: dict[str, Term] = {
-    "ipix_s1": Term(loss_ipix_s1, IPixTermConfig, frozenset({"u", "s1"}),
-                    "IPixMatch inter-pixel relation: student on strong view 1 vs the box-1-mixed soft teacher",
-                    family="ipixmatch"),
-    "ipix_s2": Term(loss_ipix_s2, IPixTermConfig, frozenset({"u", "s2"}),
-                    "IPixMatch inter-pixel relation: student on strong view 2 vs the box-2-mixed soft teacher",
-                    family="ipixmatch"),
-    "ipix_fp": Term(loss_ipix_fp, IPixTermConfig, frozenset({"u", "fp"}),
-                    "IPixMatch inter-pixel relation: student's feature-perturbed weak view vs the soft teacher",
-                    family="ipixmatch"),
-    "ipix_x": Term(loss_ipix_x, IPixTermConfig, frozenset(),
-                   "IPixMatch on labeled images (apply_on_labeled): student vs the one-hot labels",
-                   family="ipixmatch"),
-}
 
-FAMILIES: dict[str, Family] = {
-    "ipixmatch": Family(lambda terms, mctx: IPixMatchModule(),
-                        "no heads or state; logs train/ipixmatch/nodes and train/ipixmatch/valid_frac"),
-}
-
-_DEFAULTS = {"relation": "per_class", "distance": "kl", "temperature": 1.0}  # methods.md §8.1 placeholders [I]
-
-PRESETS: dict[str, dict] = {
-    # UniMatch + the relation loss on both strong views; FP and labeled views listed switched off.
-    # weight 1.0 = lambda_ip 0.5 (§8.1) times UniMatch's global_div 2 (see the module docstring).
-    "ipixmatch": {"base": "unimatch",
-                  "terms": {"ipix_s1": {"weight": 1.0, **_DEFAULTS}, "ipix_s2": {"weight": 1.0, **_DEFAULTS},
-                            "ipix_fp": {"weight": 0.0, **_DEFAULTS}, "ipix_x": {"weight": 0.0, **_DEFAULTS}}},
-}
+def build(terms, mctx) -> IPixMatchModule:
+    """The family's module: no heads or state, only the diagnostics."""
+    return IPixMatchModule()

@@ -107,7 +107,7 @@ import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -115,8 +115,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sslray.layers import upsample
-from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, TermConfig, all_reduce_sum,
-                                 raise_problems)
+from sslray.methods.base import MethodModule, ModuleContext, TermConfig, all_reduce_sum, raise_problems
+from sslray.methods.settings import (MLLCGraphConfig, MLLCPairConfig, MLLCProtoConfig,  # noqa: F401 - re-exported
+                                     MLLCUnsupConfig, check_mllc as check, out_of_range)
 
 _EPS_DEG = 1e-10  # degree floor of the code's D^-1/2
 _BCE_CLAMP = (1e-10, 1.0 - 1e-7)  # the code clamps cos to [1e-10, 1]; 1 - 1e-7 keeps log(1 - p) finite
@@ -131,75 +132,6 @@ DENSE_BUDGET = 2 ** 24  # and while the batch's dense A_hat, kept for the backwa
 
 # --------------------------------------------------------------------------------------------------
 # settings
-
-
-def out_of_range(cfg: TermConfig, bounds: dict[str, tuple[float, float]]) -> list[tuple[str, str]]:
-    """``problems()`` of a term config: each named setting against its inclusive (low, high) bounds."""
-    bad = []
-    for key, (lo, hi) in bounds.items():
-        v = getattr(cfg, key)
-        if not lo <= v <= hi:
-            bad.append((key, f"expected {f'an integer >= {lo}' if hi == math.inf else f'a value in [{lo}, {hi}]'}, "
-                             f"got {v!r}"))
-    return bad
-
-
-@dataclass(frozen=True)
-class MLLCGraphConfig(TermConfig):
-    """``mllc_x``: the supervision of every round on labeled images, and the settings of the graph itself."""
-
-    rounds: int = 2
-    knn: int = 20
-    graph_max_nodes: int = 4096
-    base_tau: float = 0.95
-    dynamic_thresh: bool = True
-    prop_reliable: float = 0.2
-    prop_unreliable: float = 0.8
-    class_graph: bool = True
-    pseudo_from: str = "corrected"
-    pooled_output: str = "residual"
-    proj_dim: int = 0
-    class_init: str = "code"
-
-    CHOICES: ClassVar[dict[str, tuple]] = {"pseudo_from": ("corrected", "base"), "pooled_output": ("residual", "direct"),
-                                           "class_init": ("code", "identity", "default")}
-
-    def problems(self) -> list[tuple[str, str]]:
-        return out_of_range(self, {"rounds": (0, 16), "knn": (1, math.inf), "graph_max_nodes": (1, math.inf),
-                                   "base_tau": (0.0, 1.0), "prop_reliable": (0.0, 1.0), "prop_unreliable": (0.0, 1.0),
-                                   "proj_dim": (0, math.inf)})
-
-
-@dataclass(frozen=True)
-class MLLCUnsupConfig(TermConfig):
-    """``mllc_u``: the dynamic-weighted CE of the rounds on the strong view."""
-
-    uniform_thresh: float = 0.968
-
-    def problems(self) -> list[tuple[str, str]]:
-        return out_of_range(self, {"uniform_thresh": (0.0, 1.0)})
-
-
-@dataclass(frozen=True)
-class MLLCProtoConfig(TermConfig):
-    """``mllc_proto``: the inter-image prototype CE on every feature level."""
-
-    temperature: float = 0.1
-    momentum: float = 0.99
-    start: float = 0.125
-
-    def problems(self) -> list[tuple[str, str]]:
-        return out_of_range(self, {"momentum": (0.0, 1.0), "start": (0.0, 1.0)})
-
-
-@dataclass(frozen=True)
-class MLLCPairConfig(TermConfig):
-    """``mllc_pair``: the intra-image pairwise affinity BCE on every feature level."""
-
-    max_nodes: int = 1024
-
-    def problems(self) -> list[tuple[str, str]]:
-        return out_of_range(self, {"max_nodes": (2, math.inf)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -720,13 +652,6 @@ def sample_nodes(valid: torch.Tensor, n: int) -> torch.Tensor:
 # registration
 
 
-def check(terms: dict[str, TermConfig]) -> list[tuple[str, str]]:
-    if "mllc_x" in terms:
-        return []
-    return [("mllc_x.weight", f"{', '.join(sorted(terms))} need mllc_x with a weight > 0 (it holds the graph's "
-                              "settings and supervises its rounds); method.terms.mllc_x.rounds: 0 removes the graph")]
-
-
 def build(terms: dict[str, TermConfig], ctx: ModuleContext) -> MLLCModule:
     raise_problems(check(terms))
     return MLLCModule(terms["mllc_x"], terms.get("mllc_u"), terms.get("mllc_proto"), terms.get("mllc_pair"), ctx)
@@ -746,32 +671,3 @@ def loss_mllc_proto(out, cfg, ctx, module: MLLCModule) -> torch.Tensor:
 
 def loss_mllc_pair(out, cfg, ctx, module: MLLCModule) -> torch.Tensor:
     return module.loss_pair(out)
-
-
-TERMS: dict[str, Term] = {
-    "mllc_x": Term(loss_mllc_x, MLLCGraphConfig, frozenset(),
-                   "MLLC: CE of every graph round's corrected logits on the labeled batch (holds the graph settings)",
-                   family="mllc"),
-    "mllc_u": Term(loss_mllc_u, MLLCUnsupConfig, frozenset({"u", "s1"}),
-                   "MLLC: confidence-fraction-weighted CE of every round on strong view 1 vs the pseudo-labels",
-                   family="mllc"),
-    "mllc_proto": Term(loss_mllc_proto, MLLCProtoConfig, frozenset({"u", "s1"}),
-                       "MLLC inter-image: cosine/temperature CE against per-level EMA class prototypes",
-                       family="mllc"),
-    "mllc_pair": Term(loss_mllc_pair, MLLCPairConfig, frozenset({"u", "s1"}),
-                      "MLLC intra-image: BCE of pairwise feature cosines against label agreement (sampled nodes)",
-                      family="mllc"),
-}
-
-FAMILIES: dict[str, Family] = {
-    "mllc": Family(build, "MLLC graph rounds (SLG + CLG), class counters for eta(t, c), per-level prototypes",
-                   check),
-}
-
-PRESETS: dict[str, dict] = {
-    # FixMatch + MLLC with the official code's weights (methods.md §8.1); "unimatch+mllc", "meanteacher+mllc" add
-    # the same terms to those bases.
-    "mllc": {"base": "fixmatch",
-             "terms": {"mllc_x": {"weight": 1.0}, "mllc_u": {"weight": 1.0}, "mllc_proto": {"weight": 0.1},
-                       "mllc_pair": {"weight": 0.0}}},
-}

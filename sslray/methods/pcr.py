@@ -84,67 +84,18 @@ Diagnostics (``train/pcr/*``): ``proto_acc`` (prototype-head accuracy on the lab
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from sslray.methods.base import (Family, MethodModule, ModuleContext, Term, TermConfig, all_gather_cat,
-                                 all_reduce_sum, raise_problems)
+from sslray.methods.base import MethodModule, ModuleContext, all_gather_cat, all_reduce_sum, raise_problems
+from sslray.methods.settings import EntropyDropConfig, PCRConfig, check_pcr  # noqa: F401 - re-exported
 
 
 # --------------------------------------------------------------------------------------------------
 # settings
-
-
-@dataclass(frozen=True)
-class PCRConfig(TermConfig):
-    """Settings of pcr_x / pcr_u. All but ``weight`` configure the shared prototype module (see the module doc)."""
-
-    num_protos: int = 4  # M micro-prototypes per class (PCR: 4 VOC, 3 Cityscapes)
-    temperature: float = 0.1  # g_c = max_m cos / temperature
-    feature: str = "rep_clf"  # rep_clf: cat(reduced c1, ASPP), PCR's | features: the fused 1x1-classifier input
-    sample_grid: int = 32  # G: one random pixel per cell of a G x G grid on the decoder map
-    confid_thresh: float = 0.8  # teacher confidence for pcr_u and for unlabeled prototype updates
-    momentum: float = 0.99  # prototype EMA; 1.0 freezes the prototypes
-    update_cond: str = "correct"  # correct: only pixels the prototype head gets right update | all
-    update_unlabeled: bool = True  # confident strong-view pixels update the prototypes too
-    init: str = "kmeans"  # kmeans on labeled warm-up features | random (Gaussian)
-    warmup_frac: float = 0.05  # share of the iterations before the prototype terms start
-    kmeans_iters: int = 20  # Lloyd iterations
-    kmeans_pixels: int = 1024  # per-class FIFO bank of labeled features clustered at the end of the warm-up
-    kmeans_seed: int = 0  # seeds the k-means starting points (identical on every rank)
-
-    CHOICES: ClassVar[dict[str, tuple]] = {"feature": ("features", "rep_clf"), "update_cond": ("correct", "all"),
-                                           "init": ("kmeans", "random")}
-    def problems(self) -> list[tuple[str, str]]:
-        bad = [(k, f"expected an integer >= 1, got {getattr(self, k)!r}")
-               for k in ("num_protos", "sample_grid", "kmeans_iters", "kmeans_pixels") if getattr(self, k) < 1]
-        bad += [(k, f"expected a value in [0, 1], got {getattr(self, k)!r}")
-                for k in ("confid_thresh", "momentum", "warmup_frac") if not 0.0 <= getattr(self, k) <= 1.0]
-        return bad
-
-
-@dataclass(frozen=True)
-class EntropyDropConfig(TermConfig):
-    """U2PL's ``drop_percent`` [C]: at iteration t the top ``(100 - drop_percent) * (1 - t / T)`` percent of the valid
-    pixels by teacher entropy are ignored, so 80 drops 20 % at the start, falling linearly to 0 % at the end.
-
-    ``warmup_frac``: U2PL's / PCR's ``sup_only_epoch`` [C: 1 of 80 VOC epochs, 1 of 200 Cityscapes epochs]: the
-    term is 0 for the first round(warmup_frac * iterations) iterations. The default 0.0125 = 1/80 is exactly one
-    epoch of the VOC paper studies (80 epochs); 0 switches the gate off."""
-
-    drop_percent: float = 80.0
-    warmup_frac: float = 0.0125  # share of the iterations before u_drop starts (U2PL/PCR sup_only_epoch 1 of 80)
-
-    def problems(self) -> list[tuple[str, str]]:
-        bad = []
-        if not 0.0 <= self.drop_percent <= 100.0:
-            bad.append(("drop_percent", f"expected a value in [0, 100], got {self.drop_percent!r}"))
-        if not 0.0 <= self.warmup_frac <= 1.0:
-            bad.append(("warmup_frac", f"expected a value in [0, 1], got {self.warmup_frac!r}"))
-        return bad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,15 +351,6 @@ class PCRModule(MethodModule):
         return dict(self._diag)
 
 
-def check_pcr(terms: dict[str, PCRConfig]) -> list[tuple[str, str]]:
-    """pcr_x and pcr_u share one prototype module: every setting but ``weight`` must agree."""
-    (first, cfg), *rest = terms.items()
-    return [(f"{name}.{f.name}", f"{getattr(other, f.name)!r} differs from method.terms.{first}.{f.name} = "
-                                 f"{getattr(cfg, f.name)!r}: pcr_x and pcr_u share the prototypes; set both")
-            for name, other in rest for f in fields(PCRConfig)
-            if f.name != "weight" and getattr(other, f.name) != getattr(cfg, f.name)]
-
-
 def build_pcr(terms: dict[str, PCRConfig], ctx: ModuleContext) -> PCRModule:
     """One module for pcr_x and pcr_u; their prototype settings must agree (only ``weight`` may differ)."""
     raise_problems(check_pcr(terms))
@@ -510,33 +452,3 @@ def loss_pcr_u(out, cfg: PCRConfig, ctx, module: PCRModule) -> torch.Tensor:
     logits = module.sample_head(s)
     keep = (s.target != ctx.ignore_index) & (s.conf >= cfg.confid_thresh)
     return _masked_ce(logits, s.target, keep, ctx.ignore_index)
-
-
-TERMS: dict[str, Term] = {
-    "pcr_x": Term(loss_pcr_x, PCRConfig, frozenset(),
-                  "PCR prototype-head CE on sampled labeled pixels (keeps the prototypes discriminative)", family="pcr"),
-    "pcr_u": Term(loss_pcr_u, PCRConfig, frozenset({"u", "s1"}),
-                  "PCR consistency: prototype head on strong view 1 vs the teacher's confident pseudo-labels",
-                  family="pcr"),
-    "u_drop": Term(loss_u_drop, EntropyDropConfig, frozenset({"u", "s1"}),
-                   "U2PL entropy-filtered pseudo-label CE on strong view 1 (drop_percent schedule)", family="u2pl"),
-}
-
-FAMILIES: dict[str, Family] = {
-    "pcr": Family(build_pcr, "PCR class prototypes: grid sampler, momentum update, k-means initialisation",
-                  check_pcr),
-    "u2pl": Family(build_u2pl, "U2PL entropy-drop schedule and supervised-only warm-up"),
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # PCR's (= U2PL's) training without prototypes and without U2PL's contrastive loss: EMA teacher 0.99,
-    # L_x + L_u_drop. u_s1 is listed off so that "plain pseudo-label CE instead of the entropy drop" is one override.
-    # L_x is OHEM on both datasets as PCR's configs: threshold 0.7, min_kept 100,000 per GPU of 2 images, i.e.
-    # 400,000 for one batch of 8 (the paper studies' batch; scale it with data.batch_size_x per rank).
-    "pcr_base": {"teacher": {"kind": "ema", "ema_alpha": 0.99, "ema_warmup": True}, "conf_thresh": 0.95,
-                 "global_div": 1.0,
-                 "terms": {"x": {"weight": 1.0, "criterion": "ohem", "ohem_thresh": 0.7, "ohem_min_kept": 400000},
-                           "u_s1": {"weight": 0.0}, "u_drop": {"weight": 1.0}}},
-    # Standalone: pcr_base + the prototype terms (lambda_proto = 1 [C]); after another preset: only the latter.
-    "pcr": {"base": "pcr_base", "terms": {"pcr_x": {"weight": 1.0}, "pcr_u": {"weight": 1.0}}},
-}

@@ -1,22 +1,11 @@
 """The supervised term ``x``: cross-entropy (VOC) or OHEM cross-entropy (Cityscapes) on labeled pixels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from sslray.methods.base import TermConfig
-
-
-@dataclass(frozen=True)
-class SupervisedTermConfig(TermConfig):
-    criterion: str = "ce"  # ce | ohem
-    ohem_thresh: float = 0.7  # UniMatch's ProbOhemCrossEntropy2d defaults for Cityscapes
-    ohem_min_kept: int = 200000
-
-    CHOICES: ClassVar[dict[str, tuple]] = {"criterion": ("ce", "ohem")}
+from sslray.methods.settings import SupervisedTermConfig  # noqa: F401 - re-exported
 
 
 def loss_x(out, cfg: SupervisedTermConfig, ctx) -> torch.Tensor:

@@ -76,6 +76,8 @@ class Table:
     row_notes: dict[str, str] = field(default_factory=dict)
     notes_header: str = "changes"
     notes: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # display names overriding sslray.report.names
+    keyed_header: bool = True  # column headers "<metric>, <col key>: <value>" (False: the values alone)
 
     def _means(self, col: str) -> dict[str, float]:
         cells = {r: self.cells.get((r, col)) for r in self.rows}

@@ -11,13 +11,13 @@ a search study's best configs, Optuna parameter importances and history::
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable
 
 from sslray.report.aggregate import (Listing, Table, cell_members, cells_per_column, comparison_table, is_missing,
                                      records_by_id, text_of)
+from sslray.results import nested
 from sslray.study import VARIANT, PlannedTrial, cell_label
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def ablation_table(study: "Study", df: "pd.DataFrame", metric: str | None = None
     cols = cols or (rep.cols if rep.cols != VARIANT else rep.rows)
     table = comparison_table(df, study.trials(unique=False), VARIANT, cols, metric or rep.metric, agg or rep.agg,
                              baseline=study.ablation.baseline)
-    notes = {study.ablation.baseline: "(full method)"}
+    notes = {study.ablation.baseline: "baseline (changes nothing)"}
     for label, over in study.ablation.variants.items():
         notes[label] = ", ".join(f"{k}={cell_label(v)}" for k, v in over.items())
     return dataclasses.replace(table, row_notes=notes, title="Ablation")
@@ -67,14 +67,16 @@ def per_class_table(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows
     labels, cells = cells_per_column(row_order, col_order, members, records, class_cols, value_of,
                                       "no val/confusion stored")
     key = rows if len(col_order) == 1 else f"{rows} / {cols}"
-    return Table(labels, class_cols, cells, "val/iou", None, key, "class", "last", "max", title="Per-class IoU")
+    return Table(labels, class_cols, cells, "val/iou", None, key, "class", "last", "max", title="Per-class IoU",
+                 keyed_header=False)
 
 
 def _confusion_iou(raw: Any) -> list[float] | None:
-    """Per-class IoU in percent from a JSON [K][K] confusion matrix (rows = target), as evaluate.ConfusionMatrix."""
-    if not isinstance(raw, str) or not raw:
+    """Per-class IoU in percent from a [K][K] confusion matrix (rows = target), as evaluate.ConfusionMatrix: an Arrow
+    list of lists, or JSON text in stores from before issue 17."""
+    m = nested(raw)
+    if not m:
         return None
-    m = json.loads(raw)
     k = len(m)
     out = []
     for i in range(k):
@@ -116,7 +118,7 @@ def pseudo_table(df: "pd.DataFrame", history: "pd.DataFrame", planned: list[Plan
     labels, cells = cells_per_column(row_order, col_order, members, records, list(spec), value_of, None)
     key = rows if len(col_order) == 1 else f"{rows} / {cols}"
     return Table(labels, [n for n, _, _ in PSEUDO_COLUMNS], cells, "train/mask_ratio", None, key, "quantity",
-                 title="Pseudo-label quality (%)", mark_best=False)
+                 title="Pseudo-label quality (%)", mark_best=False, keyed_header=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def manifest(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: str, 
     command; package versions as a note when every trial has the same ones, else as a column."""
     row_order, col_order, members = cell_members(df, planned, rows, cols)
     records = records_by_id(df, None)
-    versions = {text_of(rec.get("versions")) for rec in records.values()}
+    versions = {_versions(rec.get("versions")) for rec in records.values()}
     same_versions = len(versions) <= 1
     header = [rows, cols, "seed", "status", "trial id", "git sha", "split sha256", "rerun"]
     header += [] if same_versions else ["versions"]
@@ -199,20 +201,16 @@ def manifest(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: str, 
                 line = [r, c, text_of(rec.get("seed")), text_of(rec.get("status")), tid, git,
                         _splits(rec.get("split_sha256")), text_of(rec.get("rerun"))]
                 body.append(line + ([] if same_versions else [_versions(rec.get("versions"))]))
-    notes = [f"package versions (every trial): {_versions(versions.pop())}"] if same_versions and versions else []
+    notes = [f"package versions (every trial): {versions.pop()}"] if same_versions and versions else []
     return Listing(header, body, "Reproducibility manifest", notes)
 
 
 def _splits(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        return ""
-    return " ".join(f"{k}={v}" for k, v in json.loads(raw).items())
+    return " ".join(f"{k}={v}" for k, v in (nested(raw) or {}).items())
 
 
 def _versions(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        return ""
-    return ", ".join(f"{k} {v}" for k, v in json.loads(raw).items() if v is not None)
+    return ", ".join(f"{k} {v}" for k, v in (nested(raw) or {}).items() if v is not None)
 
 
 def search_listings(study: "Study", df: "pd.DataFrame", top: int = 10) -> list[Listing]:

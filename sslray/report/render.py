@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 from sslray import stats
 from sslray.report.aggregate import Listing, Table
+from sslray.report.names import display, metric_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,7 +79,8 @@ def _cell_text(table: Table, r: str, c: str, st: _Style, show_n: bool, reasons: 
         if cell.status == "failed":
             return st.esc(f"failed ({_short(cell.reason or '')})") if reasons else "failed"
         return st.esc("–") if cell.status == "na" else "missing"
-    text = f"{_number(cell.mean)}{st.pm}{_number(cell.std)}"
+    # one seed has no spread: the mean alone (n=1 says why), never "± 0.0"
+    text = _number(cell.mean) if cell.n == 1 else f"{_number(cell.mean)}{st.pm}{_number(cell.std)}"
     if show_n or cell.status != "ok":
         text += f" (n={cell.n})" if cell.status == "ok" else f" (n={cell.n} of {cell.planned})"
     if table.mark_best and r in table.best(c):
@@ -95,6 +97,8 @@ def _cell_text(table: Table, r: str, c: str, st: _Style, show_n: bool, reasons: 
 
 def _delta_text(table: Table, r: str, c: str, st: _Style) -> str:
     d = table.delta(r, c)
+    if r == table.baseline and table.cells.get((r, c)) is not None:
+        return "baseline"
     if d is None:
         return ""
     text = st.signed(_number(d, signed=True))
@@ -107,9 +111,9 @@ def _delta_text(table: Table, r: str, c: str, st: _Style) -> str:
 def _grid(table: Table, st: _Style, show_n: bool, reasons: bool) -> tuple[list[str], list[list[str]]]:
     """Header and body: per column the cell, the paper number (if any), the delta (with a baseline); row notes."""
     paper_cols = {c for (_, c) in table.paper}
-    header = [st.esc(table.row_key)]
+    header = [st.esc(display(table.row_key, table.names))]
     for c in table.cols:
-        header.append(st.esc(c))
+        header.append(st.esc(_col_header(table, c)))
         if c in paper_cols:
             header.append(st.esc(f"{c} (paper)"))
         if table.baseline is not None:
@@ -132,10 +136,22 @@ def _grid(table: Table, st: _Style, show_n: bool, reasons: bool) -> tuple[list[s
     return header, body
 
 
+def _col_header(table: Table, c: str) -> str:
+    """``mIoU (%), labeled images: 32``: what the cells hold and which column value they are."""
+    if not table.keyed_header:
+        return c
+    return f"{metric_label(table.metric, table.agg, table.names)}, {display(table.col_key, table.names)}: {c}"
+
+
 def _footnotes(table: Table, detail: bool) -> list[str]:
     """Plain-text notes: the significance test (with every p-value when ``detail``), the CI, the paper source."""
     out = []
-    if table.tests:
+    marked = any(table.significant(r, c) for (r, c) in table.tests)
+    if table.tests and not marked:  # no cell carries the mark: no mark to explain, only that the test ran
+        m = len(table.tests)
+        out.append(f"No difference against {table.baseline} is significant at p < {table.alpha:g} (paired test over "
+                   f"seeds, Holm-corrected over {m} comparison{'s' if m != 1 else ''}).")
+    elif table.tests:
         m = len(table.tests)
         used = {t.test for t in table.tests.values()}
         kind = ("paired t-test" if used == {"t"} else "exact Wilcoxon signed-rank test" if used == {"wilcoxon"}
@@ -294,3 +310,31 @@ def frame(obj: "Table | Listing") -> "pd.DataFrame":
     plain = _Style(lambda s: s, lambda s: s, lambda s: s, " ± ", lambda s: s, MARK, "Δ")
     header, body = _grid(obj, plain, show_n=True, reasons=True)
     return pd.DataFrame(body, columns=header)
+
+
+def numeric_frame(obj: "Table | Listing") -> "pd.DataFrame":
+    """A table for a W&B Table or a notebook: numbers as numbers so they sort and chart. A Table is one row per
+    cell (row, column, mean, std, n, planned, status, delta, p_holm, significant) plus the formatted ``cell`` text
+    as ``sslray table`` prints it; a Listing keeps its columns, those that parse as numbers converted."""
+    import pandas as pd
+
+    if isinstance(obj, Listing):
+        df = pd.DataFrame(obj.rows, columns=obj.header)
+        for col in df.columns:
+            given = df[col].replace({"": None, "?": None})
+            converted = pd.to_numeric(given, errors="coerce")
+            if converted.notna().sum() and converted.notna().sum() == given.notna().sum():  # every value a number
+                df[col] = converted
+        return df
+    plain = _Style(lambda s: s, lambda s: s, lambda s: s, " ± ", lambda s: s, MARK, "Δ")
+    records = []
+    for r in obj.rows:
+        for c in obj.cols:
+            cell = obj.cells.get((r, c))
+            if cell is None:
+                continue
+            records.append({obj.row_key: r, obj.col_key: c, "mean": cell.mean, "std": cell.std, "n": cell.n,
+                            "planned": cell.planned, "status": cell.status, "delta": obj.delta(r, c),
+                            "p_holm": obj.p_holm.get((r, c)), "significant": bool(obj.significant(r, c)),
+                            "cell": _cell_text(obj, r, c, plain, True, True)})
+    return pd.DataFrame.from_records(records)

@@ -18,6 +18,7 @@ stored). Keyword arguments left None take the study's ``report`` block.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 from sslray.report.aggregate import Listing, Table, comparison_table
@@ -87,5 +88,6 @@ def study_report(study: "Study", df: "pd.DataFrame", history: "pd.DataFrame | No
     for name in sections or ("comparison",):
         if name not in builders:
             raise ValueError(f"unknown report section {name!r} (expected one of: {', '.join(builders)})")
-        out[name] = builders[name]()
+        section = builders[name]()
+        out[name] = dataclasses.replace(section, names=dict(rep.names)) if isinstance(section, Table) else section
     return out

@@ -10,11 +10,11 @@ The tests themselves (paired t, exact Wilcoxon, Holm, percentile bootstrap) are 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Any
 
 from sslray import stats
 from sslray.report.aggregate import Cell, Table
+from sslray.results import nested
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -108,8 +108,8 @@ def _per_image_counts(df: "pd.DataFrame") -> dict[str, tuple[Any, Any]]:
         return {}
     out = {}
     for tid, raw in zip(df["trial_id"], df["val/per_image"]):
-        if isinstance(raw, str) and raw:
-            d = json.loads(raw)
+        d = nested(raw)  # an Arrow struct of lists, or JSON text in stores from before issue 17
+        if d:
             out[str(tid)] = (np.asarray(d["inter"], dtype=np.float64), np.asarray(d["union"], dtype=np.float64))
     return out
 
