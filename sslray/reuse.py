@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Iterable
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sslray.results import ResultsStore
-from sslray.storage import StudyStorage
+from sslray.storage import StudyStorage, atomic_write
 
 if TYPE_CHECKING:
     from sslray.study import PlannedTrial
@@ -28,41 +29,37 @@ if TYPE_CHECKING:
 
 def reuse_trials(planned: Iterable["PlannedTrial"], source: str | os.PathLike, into: StudyStorage,
                  study: str) -> list[str]:
-    """Copy the ``ok`` rows of ``source`` whose ids this study plans and lacks; returns the ids taken."""
+    """Copy the ``ok`` rows of ``source`` whose ids this study plans and lacks; returns the ids taken. The files
+    are copied as Arrow tables (every column keeps its type and unit metadata), with ``study`` replaced and the
+    provenance columns added; history first, then the row (a row file means the trial is complete)."""
     src_root = os.path.abspath(source)
     if not os.path.isdir(src_root):
         raise FileNotFoundError(f"--reuse-from {source}: no such directory")
     src, dst = ResultsStore(StudyStorage(src_root)), ResultsStore(into)
-    if os.path.samefile(src.root, dst.root) if dst.root.exists() else False:
+    if dst.root.exists() and os.path.samefile(src.root, dst.root):
         return []
     wanted = {p.trial_id for p in planned} - dst.ids()
-    rows = src.load()
-    if not len(rows):
-        return []
-    rows = rows[(rows["status"] == "ok") & rows["trial_id"].isin(wanted)]
     taken = []
-    for row in rows.to_dict("records"):
-        tid = row["trial_id"]
-        history = _history(src, tid)
-        row = {k: (None if _missing(v) else _plain(v)) for k, v in row.items()}
-        row.update({"reused_study": row.get("study"), "reused_from": src_root, "study": study})
-        dst.write(row, [{k: None if _missing(v) else _plain(v) for k, v in h.items() if k not in ("study", "trial_id")}
-                        for h in history])
+    for tid in sorted(wanted & src.ids("ok")):
+        history = src.storage.history_file(tid)
+        if history.exists():
+            _copy(history, into.history_file(tid), study, None)
+        _copy(src.path(tid), into.result_file(tid), study, src_root)
         taken.append(tid)
     return taken
 
 
-def _history(store: ResultsStore, trial_id: str) -> list[dict]:
-    path = store.storage.history_file(trial_id)
-    return pd.read_parquet(path).to_dict("records") if path.exists() else []
-
-
-def _missing(v) -> bool:
-    try:
-        return v is None or bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
-def _plain(v):
-    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+def _copy(path, dst, study: str, reused_from: str | None) -> None:
+    """One store file with its ``study`` column set to ``study`` (and, for a row, the provenance columns)."""
+    table = pq.read_table(path)
+    n = table.num_rows
+    old = table.column("study")
+    i = table.schema.get_field_index("study")
+    table = table.set_column(i, table.schema.field(i), pa.array([study] * n, pa.string()))
+    if reused_from is not None:
+        for name, values in (("reused_from", [reused_from] * n), ("reused_study", old.to_pylist())):
+            if name in table.column_names:
+                table = table.drop_columns([name])
+            table = table.append_column(pa.field(name, pa.string()), pa.array(values, pa.string()))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, lambda f: pq.write_table(table, f))

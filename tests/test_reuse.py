@@ -1,6 +1,7 @@
 """``sslray run --reuse-from DIR``: finished trials of another study's storage with the same trial id are copied,
 with provenance, instead of trained again (real Parquet stores; the run needs no Ray when everything is reused)."""
 import pandas as pd
+import pyarrow.parquet as pq
 import yaml
 
 from sslray import cli
@@ -22,7 +23,8 @@ def _study(tmp_path, name: str, seeds) -> str:
 def _store_trials(study, root, statuses) -> None:
     store = ResultsStore(root)
     for t, status in zip(study.trials(), statuses):
-        metrics = {"val/miou": 40.0 + t.seed, "iteration": 4} if status == "ok" else None
+        metrics = {"val/miou": 40.0 + t.seed, "iteration": 4, "val/confusion": [[3, 1], [0, 5]]} \
+            if status == "ok" else None
         row = make_row(study.name, t.point, t.config, status, metrics, None if status == "ok" else "boom", 1.0, "cpu")
         store.write(row, [{"iteration": 2, "val/miou": 30.0}, {"iteration": 4, "val/miou": 40.0 + t.seed}]
                     if status == "ok" else None)
@@ -38,6 +40,10 @@ def test_reuse_takes_ok_rows_with_the_same_id_and_says_where_from(tmp_path):
     assert list(df["study"]) == ["new"] and list(df["reused_study"]) == ["old"]
     assert list(df["reused_from"]) == [str((tmp_path / "old_store").resolve())]
     assert list(df["val/miou"]) == [40.0]
+    copied = pq.read_table(StudyStorage(tmp_path / "new_store").result_file(taken[0]))
+    original = pq.read_table(StudyStorage(tmp_path / "old_store").result_file(taken[0]))
+    assert copied.column("val/confusion").to_pylist() == [[[3, 1], [0, 5]]]  # nested values keep their type
+    assert copied.schema.field("val/miou").metadata == original.schema.field("val/miou").metadata  # units kept
     hist = pd.read_parquet(StudyStorage(tmp_path / "new_store").history_file(taken[0]))
     assert list(hist["val/miou"]) == [30.0, 40.0] and set(hist["study"]) == {"new"}
     # taken again: nothing (already here)
