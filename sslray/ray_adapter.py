@@ -29,6 +29,7 @@ Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import sys
