@@ -635,9 +635,12 @@ def optuna_storage(study: Study, layout: StudyStorage):
                                      direction="maximize" if study.search.mode == "max" else "minimize")
     finally:
         optuna.logging.set_verbosity(verbosity)
+    waiting = [t.params for t in ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
     for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        ostudy.enqueue_trial(t.params, user_attrs={"sslray_requeued_from": t.number}, skip_if_exists=True)
+        if t.params not in waiting:  # not skip_if_exists: that also matches the trial just marked FAIL
+            ostudy.enqueue_trial(t.params, user_attrs={"sslray_requeued_from": t.number})
+            waiting.append(t.params)
     return storage, len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), len(ostudy.trials)
 
 

@@ -66,18 +66,21 @@ def test_a_killed_search_driver_resumes_the_same_optuna_study_with_one_mean_per_
 
     path = search_study(tmp_path, 3)
     url = StudyStorage(tmp_path / "store").optuna_url()
+    log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sslray", "run", path, "--num-cpus", "1"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 400
         while _count_complete(url) < 1 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert proc.poll() is None, "the search finished before it could be killed"
+        assert proc.poll() is None, "the driver ended before it could be killed: " + \
+            (tmp_path / "driver.log").read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-search
         proc.wait(30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
     before = optuna_history(tmp_path)
     done_before = [h for h in before if h[1] == "COMPLETE"]
     assert 1 <= len(done_before) < 3
