@@ -19,6 +19,7 @@ A UniMatch step at 8 + 8 needs 8 labeled samples, 8 unlabeled and 8 more unlabel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,11 +35,13 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sslray.config import DataConfig  # noqa: E402
 from sslray.data.datasets import build_data  # noqa: E402
+from sslray.data.device_augs import augment_batch  # noqa: E402
 from sslray.data.readers import NonStandardSplitWarning  # noqa: E402
 from sslray.data.voc import color_map  # noqa: E402
 
@@ -125,15 +128,46 @@ def workers_needed(labeled: dict, unlabeled: dict, bx: int, bu: int, steps_per_s
             "total_with_mix_stream": math.ceil(x + 2 * u), "total_without_mix_stream": math.ceil(x + u)}
 
 
-def bench(cfg: DataConfig, n_items: int, samples: int, bx: int, bu: int, steps: float) -> dict:
+def _build(cfg: DataConfig):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonStandardSplitWarning)  # fixture lists are not the published ones
-        data = build_data(cfg)
+        return build_data(cfg)
+
+
+def device_aug(cfg: DataConfig, n_items: int, samples: int, bu: int, device: str) -> dict:
+    """``data.augment_on: device``: what a loader worker still does per unlabeled sample (read, weak view, draws,
+    boxes; CPU seconds as above) and the strong views of a collated batch of ``bu`` on ``device`` (wall seconds,
+    synchronised; on CPU with this process's threads, which is what the label says)."""
+    ds = _build(dataclasses.replace(cfg, augment_on="device")).unlabeled
+    n = min(n_items, len(ds))
+    loader = time_items(ds, n, samples)
+    batch = {k: v.to(device) if not k.startswith("host_") else v
+             for k, v in default_collate([ds[(j % n, 2000 + j)] for j in range(bu)]).items()}
+    augment_batch(batch)  # warm-up
+    reps, t = max(1, samples // bu), time.perf_counter()
+    for _ in range(reps):
+        augment_batch(batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    per_sample = (time.perf_counter() - t) / (reps * bu)
+    return {"loader_part": loader, "device_part": {"device": device, "torch_threads": torch.get_num_threads(),
+                                                   "s_per_sample": round(per_sample, 5),
+                                                   "samples_per_s": round(1.0 / per_sample, 2)}}
+
+
+def bench(cfg: DataConfig, n_items: int, samples: int, bx: int, bu: int, steps: float,
+          aug_device: str | None = None) -> dict:
+    data = _build(cfg)
     lab = time_items(data.labeled, min(n_items, len(data.labeled)), samples)
     unl = time_items(data.unlabeled, min(n_items, len(data.unlabeled)), samples)
-    return {"crop": data.crop_size, "labeled_weak": lab, "unlabeled_weak_strong": unl,
-            "unlabeled_reads_ground_truth": data.unlabeled.with_truth,
-            f"workers_for_{steps:g}_steps_per_s": workers_needed(lab, unl, bx, bu, steps)}
+    out = {"crop": data.crop_size, "labeled_weak": lab, "unlabeled_weak_strong": unl,
+           "unlabeled_reads_ground_truth": data.unlabeled.with_truth,
+           f"workers_for_{steps:g}_steps_per_s": workers_needed(lab, unl, bx, bu, steps)}
+    if aug_device:
+        dev = device_aug(cfg, n_items, samples, bu, aug_device)
+        out["augment_on_device"] = {**dev, f"workers_for_{steps:g}_steps_per_s": workers_needed(
+            lab, dev["loader_part"], bx, bu, steps)}
+    return out
 
 
 def main() -> None:
@@ -144,6 +178,8 @@ def main() -> None:
     ap.add_argument("--bx", type=int, default=8)
     ap.add_argument("--bu", type=int, default=8)
     ap.add_argument("--steps-per-s", type=float, default=5.0)
+    ap.add_argument("--aug-device", default="cpu", help="where data.augment_on: device runs its strong views "
+                    "(cpu here; cuda on a GPU machine); '' to skip")
     args = ap.parse_args()
     torch.set_num_threads(1)  # what a DataLoader worker runs with
     rng = np.random.default_rng(0)
@@ -156,7 +192,7 @@ def main() -> None:
         voc = bench(DataConfig(dataset="pascal", root=str(voc_root), partition="1_2", **common),
                     args.voc_images - 2, args.samples, args.bx, args.bu, args.steps_per_s)
         city = bench(DataConfig(dataset="cityscapes", root=str(city_root), partition="1_2", **common),
-                     args.city_images, args.samples, args.bx, args.bu, args.steps_per_s)
+                     args.city_images, args.samples, args.bx, args.bu, args.steps_per_s, args.aug_device)
     out = {
         "benchmark": "data_throughput",
         "pascal": {"image": "JPEG 500x375 / 375x500, quality 90", "mean_file_bytes": jpeg_bytes, **voc},

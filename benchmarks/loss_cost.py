@@ -64,7 +64,10 @@ class Setup:
                                    self.cfg.train.iterations)
         self.method.modules.to(self.device)
         params = list(self.model.parameters()) + [p for p in self.method.modules.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        if getattr(args, "optimizer", "sgd") == "adamw":  # UniMatch V2's (benchmarks/v2_step.py)
+            self.optimizer = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.999), weight_decay=0.01)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.ts = TeacherStudent(self.model, self.cfg.method, self.method.needs, amp_dtype=amp,
                                  refine_teacher=self.method.refine_teacher if self.method.refines_teacher else None)
@@ -90,7 +93,8 @@ def _family(name: str) -> str:
 
 
 def measure_times(args) -> dict:
-    setups = {m: Setup(m, args, args.overrides if m != BASE else ()) for m in args.methods}
+    base = args.base
+    setups = {m: Setup(m, args, args.overrides if m != base else ()) for m in args.methods}
     times: dict[str, list[float]] = {m: [] for m in setups}
     cpu: dict[str, list[float]] = {m: [] for m in setups}
     names = list(setups)
@@ -108,12 +112,12 @@ def measure_times(args) -> dict:
     med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
     # On a shared CPU with one torch thread, CPU time is what the step costs and wall time is what the machine
     # allowed; on a GPU only wall time means anything.
-    key = med_cpu if setups[BASE].device.type == "cpu" else med
+    key = med_cpu if setups[base].device.type == "cpu" else med
     rows = {}
     for m in names:
         row = {"step_s": med[m], "step_s_iqr": _iqr(times[m]), "step_cpu_s": med_cpu[m],
-               "extra_time": key[m] / key[BASE] - 1.0}
-        if m != BASE:
+               "extra_time": key[m] / key[base] - 1.0}
+        if m != base:
             row["target_extra"] = TARGET.get(_family(m))
             row["within_target"] = row["target_extra"] is None or row["extra_time"] <= row["target_extra"]
         rows[m] = row
@@ -126,13 +130,27 @@ def measure_memory(args, method: str, overrides: list[str], crop: int, bx: int, 
            "--bu", str(bu), "--model", args.model, "--backbone", args.backbone, "--width", str(args.width),
            "--device", args.device, "--amp", args.amp, "--classes", str(args.classes),
            "--conf-thresh", str(args.conf_thresh), "--start-iteration", str(args.start_iteration),
-           "--threads", str(torch.get_num_threads()), "--mem-steps", str(args.mem_steps)]
+           "--threads", str(torch.get_num_threads()), "--mem-steps", str(args.mem_steps),
+           "--optimizer", getattr(args, "optimizer", "sgd")]
     for o in overrides:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout)
+
+
+def _peak_rss_kb() -> int:
+    """This process's peak resident set in KiB: Linux's VmHWM, which starts afresh at exec. ``ru_maxrss`` does not:
+    a child spawned by a parent holding several models reports at least the parent's RSS at fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _mem_child(args) -> dict:
@@ -142,7 +160,7 @@ def _mem_child(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.max_memory_allocated(device)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_rss_kb()
     diag = {}
     for _ in range(args.mem_steps):
         diag = setup.step()
@@ -151,7 +169,7 @@ def _mem_child(args) -> dict:
         peak_mb, extra_mb = torch.cuda.max_memory_allocated(device) / 2**20, (
             torch.cuda.max_memory_allocated(device) - before) / 2**20
     else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = _peak_rss_kb()
         peak_mb, extra_mb = rss / 1024, (rss - before) / 1024
     return {"peak_mb": peak_mb, "step_growth_mb": extra_mb, "diagnostics": diag}
 
@@ -168,6 +186,8 @@ def main(argv=None) -> dict:
     p.add_argument("--mem-steps", type=int, default=2)
     p.add_argument("--large-steps", type=int, default=1, help="steps of the large-crop check")
     p.add_argument("--part", default="all", choices=["all", "mem"], help=argparse.SUPPRESS)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--base", default=BASE, help="the reference method of extra_time (benchmarks/v2_step.py: unimatch_v2)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of every method but the base (e.g. "
                         "method.terms.mllc_x.graph_max_nodes=256)")
@@ -180,7 +200,7 @@ def main(argv=None) -> dict:
 
     device = torch.device(args.device)
     result = {
-        "benchmark": "loss_cost", "base": BASE,
+        "benchmark": "loss_cost", "base": args.base,
         "model": args.model if args.model == "small" else f"{args.model}-{args.backbone}",
         "crop": args.crop, "batch_x": args.bx, "batch_u": args.bu, "amp": args.amp,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -189,9 +209,9 @@ def main(argv=None) -> dict:
     }
     base_mem = None
     for m in args.methods:
-        mem = measure_memory(args, m, args.overrides if m != BASE else [], args.crop, args.bx, args.bu)
+        mem = measure_memory(args, m, args.overrides if m != args.base else [], args.crop, args.bx, args.bu)
         result["methods"][m]["memory"] = mem
-        if m == BASE:
+        if m == args.base:
             base_mem = mem.get("peak_mb")
         elif base_mem and "peak_mb" in mem:
             result["methods"][m]["extra_peak_mb"] = mem["peak_mb"] - base_mem

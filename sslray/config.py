@@ -88,19 +88,33 @@ class DataConfig:
     batch_size_x: int = 8  # global labeled batch (split across DDP ranks)
     batch_size_u: int = 8  # global unlabeled batch
     eval_mode: str | None = None  # original | center_crop | sliding_window; None: the dataset spec's
+    augment_on: str = "loader"  # loader | device: where the strong views are made (sslray.data.device_augs)
     aug: AugConfig = field(default_factory=AugConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+RESNET_BACKBONES = ("resnet18", "resnet50", "resnet101")
+# DINOv2 ViT/14 sizes for model.name: dpt (sslray.dpt); "tiny" is a test size for CPU tests and synthetic studies
+DINOV2_BACKBONES = tuple(f"dinov2_{s}{r}" for s in ("small", "base", "large", "giant", "tiny") for r in ("", "_reg4"))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "small"  # small | deeplabv3plus
-    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101 (deeplabv3plus)
-    pretrained: str | None = None  # local path to backbone weights; nothing is ever downloaded
+    name: str = "small"  # small | deeplabv3plus | dpt
+    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet101 (deeplabv3plus); dinov2_small|base|large|giant[_reg4] (dpt)
+    pretrained: str | None = None  # local path to backbone weights (torchvision ResNet; DINOv2 Meta or timm layout)
     width: int = 32  # channel width of the small model
     output_stride: int = 16
     aspp_rates: tuple[int, ...] = (6, 12, 18)
     fp_dropout: float = 0.5  # UniMatch feature perturbation: Dropout2d on c1 and c4
+    patch_fit: str = "resize"  # dpt, input sides not a multiple of 14: resize (V2) | pad (zero-pad, crop logits)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.name == "dpt" and self.backbone not in DINOV2_BACKBONES:
+            return [("backbone", f"model dpt needs one of {list(DINOV2_BACKBONES)}, got {self.backbone!r}")]
+        if self.name == "deeplabv3plus" and self.backbone not in RESNET_BACKBONES:
+            return [("backbone", f"model deeplabv3plus needs one of {list(RESNET_BACKBONES)}, got {self.backbone!r}")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    optimizer: str = "sgd"  # sgd (UniMatch V1: momentum, weight decay) | adamw (UniMatch V2: betas (0.9, 0.999))
 
 
 @dataclass(frozen=True)
@@ -138,7 +153,9 @@ class MethodConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     conf_thresh: float = 0.95  # tau: pseudo-labels with confidence below are masked out
     global_div: float = 1.0  # the total loss is sum(weight * term) / global_div (UniMatch's "/ 2")
-    mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll: the same batch rolled
+    mix_source: str = "batch"  # batch: CutMix with a second unlabeled batch (UniMatch); roll / flip: the same batch
+    # rolled by one / reversed (UniMatch V2: img.flip(0))
+    strong_dropout: str = "none"  # channel dropout on the encoder features of cat(s1, s2): none | complementary (V2) | independent
     terms: Mapping[str, Any] = field(default_factory=dict)  # term name -> sslray.methods.base.TermConfig (subclass)
 
 
@@ -146,8 +163,8 @@ class MethodConfig:
 class TrainConfig:
     iterations: int = 1000
     eval_every: int = 250  # iterations between evaluations (and checkpoints); the last iteration always evaluates
-    amp: str = "none"  # none | bf16 | fp16 (autocast; bf16 is the GPU choice)
-    eval_model: str = "student"  # student | teacher
+    amp: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | none (fp32) | bf16 | fp16 (CUDA only)
+    eval_model: str = "student"  # student | teacher | both (val/* = student, val_ema/* = EMA teacher, as V2 logs)
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,13 @@ class RunConfig:
     num_workers: int = 0  # DataLoader worker processes
     checkpoint: bool = True
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # Throughput (README "On GPUs"; sslray.throughput): auto = on for CUDA, off on CPU.
+    channels_last: str = "auto"  # auto | on | off: NHWC model and inputs
+    optimizer_impl: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop
+    compile: str = "off"  # off | on: torch.compile of the model (compile time not yet measured to pay back)
+    cudnn_benchmark: str = "auto"  # auto | on | off
+    finite_check_every: int = 0  # read the device-side NaN flag every N steps too (0: at log/eval points only)
+    gpu_memory_fraction: float = 0  # this trial's share of its GPU (set from resources.gpus_per_worker < 1); 0: all
 
 
 @dataclass(frozen=True)
@@ -655,21 +679,30 @@ _RANGES: dict[tuple[type, str], Range] = {
     (OptimConfig, "momentum"): Range(0.0, 1.0, words="a value in [0, 1]"),
     (ModelConfig, "aspp_rates"): Range(1, words="dilation rates >= 1"),
     (AugConfig, "jitter"): Range(0.0, words="non-negative jitter strengths"),
+    (RunConfig, "gpu_memory_fraction"): Range(0.0, 1.0, words="a fraction in [0, 1]"),
 }
 _CHOICES = {
-    (ModelConfig, "backbone"): ("resnet18", "resnet50", "resnet101"),
+    (ModelConfig, "backbone"): RESNET_BACKBONES + DINOV2_BACKBONES,
+    (ModelConfig, "patch_fit"): ("resize", "pad"),
+    (OptimConfig, "optimizer"): ("sgd", "adamw"),
+    (MethodConfig, "strong_dropout"): ("none", "complementary", "independent"),
     (ModelConfig, "output_stride"): (8, 16),
     (TeacherConfig, "kind"): ("self", "ema"),
-    (MethodConfig, "mix_source"): ("batch", "roll"),
-    (TrainConfig, "amp"): ("none", "bf16", "fp16"),
-    (TrainConfig, "eval_model"): ("student", "teacher"),
+    (MethodConfig, "mix_source"): ("batch", "roll", "flip"),
+    (TrainConfig, "amp"): ("auto", "none", "bf16", "fp16"),
+    (DataConfig, "augment_on"): ("loader", "device"),
+    (RunConfig, "channels_last"): ("auto", "on", "off"),
+    (RunConfig, "optimizer_impl"): ("auto", "fused", "foreach", "for_loop"),
+    (RunConfig, "compile"): ("off", "on"),
+    (RunConfig, "cudnn_benchmark"): ("auto", "on", "off"),
+    (TrainConfig, "eval_model"): ("student", "teacher", "both"),
     (RunConfig, "progress"): ("auto", "on", "off"),
 }
 _PROBABILITIES = {"hflip_p", "jitter_p", "gray_p", "blur_p", "cutmix_p", "fp_dropout", "conf_thresh", "ema_alpha"}
 _POSITIVE = {"size", "num_train", "num_val", "batch_size_x", "batch_size_u", "width", "iterations", "eval_every",
              "log_every", "global_div", "crop_size", "temperature", "max_nodes"}
 _NON_NEGATIVE = {"seed", "split_seed", "lr", "head_lr_mult", "momentum", "weight_decay", "poly_power",
-                 "num_workers", "threads"}
+                 "num_workers", "threads", "finite_check_every"}
 
 
 def _check(obj: Any, path: str, source: str | None) -> None:

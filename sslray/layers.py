@@ -42,3 +42,29 @@ def init_weights(module: nn.Module) -> None:
 def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear resize with align_corners=True (UniMatch's choice everywhere in its decoder)."""
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+STRONG_DROPOUT = ("none", "complementary", "independent")
+
+
+def paired_channel_masks(batch: int, channels: int, mode: str, device: torch.device | str | None = None,
+                         p: float = 0.5, keep_share: float = 0.5) -> Tensor:
+    """UniMatch V2's channel dropout for a batch ``cat(s1, s2)`` of 2n images: masks [2n, C] to multiply features.
+
+    For image i of the first half, ``m1[i, c] = 2 * Bernoulli(1 - p)`` (values 0 or 2); its partner n + i in the
+    second half gets ``m2 = 2 - m1`` (``complementary``: every channel survives in exactly one of the two views) or
+    its own independent draw (``independent``, the ablation). A random ``int(n * keep_share)`` of the n pairs keep
+    every channel (both masks 1), as V2 does. ``p`` must be 0.5 for the complements to keep the expected value.
+    """
+    if mode not in ("complementary", "independent"):
+        raise ValueError(f"strong_dropout must be complementary or independent here, got {mode!r}")
+    if batch % 2:
+        raise ValueError(f"paired channel dropout needs cat(s1, s2): an even batch, got {batch}")
+    n = batch // 2
+    probs = torch.full((n, channels), 1.0 - p, device=device)
+    m1 = torch.bernoulli(probs) * 2.0
+    m2 = 2.0 - m1 if mode == "complementary" else torch.bernoulli(probs) * 2.0
+    kept = torch.randperm(n, device=device)[: int(n * keep_share)]
+    m1[kept] = 1.0
+    m2[kept] = 1.0
+    return torch.cat([m1, m2])

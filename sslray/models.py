@@ -1,4 +1,5 @@
-"""Segmentation models: DeepLabV3+ (as in UniMatch) and a small CPU model with the same decoder.
+"""Segmentation models: DeepLabV3+ (as in UniMatch), a small CPU model with the same decoder, and the DINOv2 DPT
+of UniMatch V2 (``sslray.dpt``, ``model.name: dpt``).
 
 Both models share the :class:`SegModel` contract::
 
@@ -17,7 +18,6 @@ families build their heads without importing this module.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -26,7 +26,9 @@ import torchvision
 from torch import Tensor, nn
 
 from sslray.config import ModelConfig
-from sslray.layers import conv_bn_relu, init_weights, upsample  # noqa: F401 - re-exported for callers of models
+from sslray.dpt import DPTSegModel
+from sslray.layers import conv_bn_relu, init_weights, paired_channel_masks, upsample  # noqa: F401 - re-exported for callers of models
+from sslray.weights import load_backbone_weights  # noqa: F401 - re-exported (tests, callers)
 
 # UniMatch's DeepLabV3+ (model/semseg/deeplabv3plus.py) has no dropout after the ASPP projection; torchvision's
 # DeepLabV3 head has Dropout(0.5) there. We follow UniMatch; set this to 0.5 for the torchvision/paper variant.
@@ -119,7 +121,7 @@ class SegModel(nn.Module):
         """x [B, 3, H, W] -> (c1 [B, C1, h1, w1] low-level, c4 [B, C4, h4, w4] high-level)."""
         return self.encoder(x)
 
-    def forward(self, x: Tensor, need_fp: bool = False) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, need_fp: bool = False, strong_dropout: str = "none") -> dict[str, Tensor]:
         """Segment a batch.
 
         Args:
@@ -129,6 +131,9 @@ class SegModel(nn.Module):
                 in train mode its BatchNorm statistics cover both. The dropout is a registered module, so it is
                 the identity in eval mode (UniMatch builds a fresh, always-active Dropout2d; it only ever uses
                 need_fp in train mode, where both agree).
+            strong_dropout: UniMatch V2's paired channel dropout on c1 and c4 for x = cat(s1, s2)
+                (``none`` | ``complementary`` | ``independent``; :func:`sslray.layers.paired_channel_masks`, one
+                draw per feature, as their channel counts differ).
 
         Returns:
             ``logits`` [B, K, H, W] (bilinear, align_corners=True, to the input size), ``logits_low``
@@ -139,6 +144,9 @@ class SegModel(nn.Module):
         """
         size = x.shape[-2:]
         c1, c4 = self.encode(x)
+        if strong_dropout != "none":
+            c1, c4 = (c * paired_channel_masks(x.shape[0], c.shape[1], strong_dropout, c.device)[:, :, None, None]
+                      for c in (c1, c4))
         if not need_fp:
             out = self.decoder(c1, c4)
             return {"logits": upsample(out["logits_low"], size), **out, "c1": c1, "c4": c4}
@@ -215,55 +223,6 @@ def _resnet(name: str, output_stride: int) -> nn.Module:
             _dilate_basic_layer(layer, dilation, dilation * 2)
             dilation *= 2
     return net
-
-
-def _unwrap_state_dict(obj: object, path: str) -> dict[str, Tensor]:
-    """Peel ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and ``module.`` / ``backbone.`` prefixes,
-    and drop the classifier (``fc.*``), which the segmentation backbone does not have."""
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
-        what = f"top-level keys {sorted(map(str, obj))[:10]}" if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: no state dict of tensors found ({what})")
-    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    for prefix in ("module.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-        elif any(k.startswith(prefix) for k in sd):
-            # a full segmentation checkpoint: keep only the backbone part
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
-
-
-def load_backbone_weights(encoder: nn.Module, path: str) -> None:
-    """Load torchvision ResNet weights from a local file into ``encoder``, checking every key and shape.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist (nothing is ever downloaded).
-        ValueError: missing, unexpected or mis-shaped backbone keys (listed in the message).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained backbone weights not found: {path!r} (sslray never downloads weights)")
-    sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
-    expected = encoder.state_dict()
-    # num_batches_tracked is absent from older torchvision checkpoints; BatchNorm fills it in itself
-    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: backbone weights do not match: missing keys {_short(missing)}; "
-                         f"unexpected keys {_short(unexpected)}; shape mismatches {_short(shapes)}")
-    encoder.load_state_dict(sd, strict=False)  # strictness checked above, allowing num_batches_tracked
-
-
-def _short(items: list[str], n: int = 20) -> str:
-    """A bounded listing for error messages."""
-    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
-    return "[" + ", ".join(items[:n]) + more + "]"
 
 
 class DeepLabV3Plus(SegModel):
@@ -350,9 +309,10 @@ class SmallSegModel(SegModel):
 # --------------------------------------------------------------------------------------------------
 # registry
 
-MODELS: dict[str, type[SegModel]] = {
+MODELS: dict[str, type[nn.Module]] = {
     "small": SmallSegModel,
     "deeplabv3plus": DeepLabV3Plus,
+    "dpt": DPTSegModel,  # DINOv2 (timm) + DPT head, UniMatch V2 (sslray.dpt)
 }
 
 

@@ -160,6 +160,7 @@ def _finish(spec: TrialSpec, cfg: TrialConfig, cell: dict, outcome: _Outcome, t0
 
 def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, resume_from) -> _Outcome:
     from sslray.methods import NonFiniteLossError
+    from sslray.throughput import DoesNotFit
     from sslray.tracking import TrialRun
     from sslray.trainer import fit
 
@@ -171,7 +172,7 @@ def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, 
         result = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
                      out_dir=out_dir, on_log=run.log if run else None)
         outcome = _Outcome("ok", result.metrics, result.history)
-    except NonFiniteLossError as e:  # deterministic: retrying would fail the same way
+    except (NonFiniteLossError, DoesNotFit) as e:  # deterministic: retrying would fail the same way
         outcome = _Outcome("failed", reason=str(e))
     except (FileNotFoundError, ValueError) as e:  # bad data or config found at trial start
         outcome = _Outcome("failed", reason=f"{type(e).__name__}: {e}")
@@ -254,6 +255,8 @@ def _fit_in_actor(spec: TrialSpec, cfg: TrialConfig, cell: dict) -> _Outcome:
     def reporter(metrics: dict, checkpoint: str | None) -> None:
         ray.tune.report(_scalars(metrics))
 
+    if 0 < spec.resources.gpus_per_worker < 1:  # a packed trial: its allocator capped at its share, checked
+        cfg = cfg.replace(**{"run.gpu_memory_fraction": spec.resources.gpus_per_worker})
     outcome = _fit_with(spec, cfg, cell, Runtime.detect(cfg.run.device), reporter, "auto")
     if outcome.metrics is not None:  # where it ran (after a lost node: where the retry ran), as Train workers say
         outcome.placement = {"nodes": [ray.get_runtime_context().get_node_id()]}
@@ -593,7 +596,7 @@ def _summary(grid, layout: StudyStorage, todo: list[PlannedTrial], skipped: list
     return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
 
 
-_METRIC_PREFIXES = ("train/", "val/", "best/", "time/", "mem/")
+_METRIC_PREFIXES = ("train/", "val/", "val_ema/", "best/", "time/", "mem/")
 
 
 def _store_unreturned(grid, layout: StudyStorage) -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 EVAL_MODES = ("original", "center_crop", "sliding_window", "sliding_window_v2")  # sslray.evaluate's
-MODEL_NAMES = ("small", "deeplabv3plus")  # the keys of sslray.models.MODELS
+MODEL_NAMES = ("small", "deeplabv3plus", "dpt")  # the keys of sslray.models.MODELS
 DATASET_NAMES = ("synthetic", "synthetic_voc", "pascal", "cityscapes")  # the keys of sslray.data.datasets.DATASETS
 
 

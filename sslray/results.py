@@ -50,7 +50,8 @@ TRIAL_FILE = re.compile(r"[0-9a-f]{64}\.parquet")
 # The trial's own wall time is the row's ``wall_s`` (the trainer's ``time/wall_s`` stays in the history only).
 STANDARD_METRICS = ("iteration", "val/miou", "val/pixel_acc", "val/confusion", "best/val/miou", "best/iteration",
                     "train/loss", "train/lr", "train/mask_ratio", "train/pseudo_acc", "time/step_s",
-                    "time/images_per_s", "mem/peak_mb", "resumed_from", "val/per_image")
+                    "time/images_per_s", "mem/peak_mb", "resumed_from", "val/per_image",
+                    "val_ema/miou", "val_ema/pixel_acc", "best/val_ema/miou", "best_ema/iteration")  # eval_model: both
 ROW_ONLY_IN_HISTORY = ("time/wall_s",)
 # Arrays of the final evaluation (Arrow lists / structs): in the row, never in the history files.
 ARRAY_METRICS = ("val/confusion", "val/per_image")

@@ -155,6 +155,14 @@ class Resources:
     def problems(self) -> list[tuple[str, str]]:
         if self.cpus_per_worker == 0 and self.gpus_per_worker == 0:  # Ray cannot schedule a request for nothing
             return [("", "cpus_per_worker and gpus_per_worker are both 0; a worker needs some")]
+        g = self.gpus_per_worker
+        if g > 1 and g != int(g):  # Ray: quantities above 1 must be whole
+            return [("gpus_per_worker", f"expected a fraction in (0, 1] or a whole number of GPUs, got {g!r}")]
+        if 0 < g < 1 and round(g, 4) != g:  # Ray keeps fractional resources to 1e-4
+            return [("gpus_per_worker", f"expected a fraction with at most 4 decimals, got {g!r}")]
+        if 0 < g < 1 and self.workers > 1:  # NCCL needs a GPU of its own per rank
+            return [("gpus_per_worker", f"a fraction of a GPU ({g:g}) packs single-worker trials; "
+                                        f"with workers: {self.workers} every worker needs a whole GPU")]
         return []
 
 

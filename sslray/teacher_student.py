@@ -287,9 +287,9 @@ class TeacherStudent:
                 out.logits_u_w_mix_teacher = self._teacher_logits_of(out.model_out["t_mix"])
                 img_u_s1 = paste(img_u_s1, batch_mix["img_u_s1"], box1)
                 img_u_s2 = paste(img_u_s2, batch_mix["img_u_s2"], box2)
-            elif need_s1 or need_s2:  # mix with the same batch rolled by one (UniMatch #34): no extra pass
-                img_u_s1 = paste(img_u_s1, img_u_s1.roll(1, 0), box1)
-                img_u_s2 = paste(img_u_s2, img_u_s2.roll(1, 0), box2)
+            elif need_s1 or need_s2:  # the same batch rolled by one (UniMatch #34) or reversed (V2): no extra pass
+                img_u_s1 = paste(img_u_s1, self._partner(img_u_s1), box1)
+                img_u_s2 = paste(img_u_s2, self._partner(img_u_s2), box2)
 
             # The student sees the weak view when it is its own teacher or when FP or a term needs it.
             if self.teacher is None or need_fp or "w" in self.needs:
@@ -310,8 +310,9 @@ class TeacherStudent:
                 out.model_out["t_u_w"] = self._teacher(img_u_w)
             out.logits_u_w_teacher = self._teacher_logits_of(out.model_out["t_u_w"])
 
-            if need_s1 and need_s2:
-                out_s = self.student(torch.cat((img_u_s1, img_u_s2)))
+            if need_s1 and need_s2:  # UniMatch V2: paired channel dropout on the encoder features of the two views
+                drop = {} if self.cfg.strong_dropout == "none" else {"strong_dropout": self.cfg.strong_dropout}
+                out_s = self.student(torch.cat((img_u_s1, img_u_s2)), **drop)
                 out.pred_u_s1, out.pred_u_s2 = out_s["logits"].chunk(2)
                 out.model_out["u_s"] = out_s
                 out._parts.update(s1=("u_s", 0, bu), s2=("u_s", bu, None))
@@ -331,10 +332,14 @@ class TeacherStudent:
                 out.conf_u_w_mix, out.mask_u_w_mix = confidence(out.logits_u_w_mix_teacher)
                 out.ignore_mask_mix = batch_mix["ignore_mask_u"]
             else:
-                out.logits_u_w_mix_teacher = out.logits_u_w_teacher.roll(1, 0)
-                out.conf_u_w_mix, out.mask_u_w_mix = out.conf_u_w.roll(1, 0), out.mask_u_w.roll(1, 0)
-                out.ignore_mask_mix = ignore_mask_u.roll(1, 0)
+                out.logits_u_w_mix_teacher = self._partner(out.logits_u_w_teacher)
+                out.conf_u_w_mix, out.mask_u_w_mix = self._partner(out.conf_u_w), self._partner(out.mask_u_w)
+                out.ignore_mask_mix = self._partner(ignore_mask_u)
         return out
+
+    def _partner(self, t: torch.Tensor) -> torch.Tensor:
+        """The CutMix partner of each image within the batch: ``roll`` by one, or ``flip`` (V2's ``img.flip(0)``)."""
+        return t.flip(0) if self.cfg.mix_source == "flip" else t.roll(1, 0)
 
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:

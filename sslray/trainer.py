@@ -35,11 +35,13 @@ import torch.nn as nn
 
 from sslray.config import TrialConfig
 from sslray.data.datasets import build_data, make_loader
+from sslray.data.device_augs import PARAMS_KEY, augment_batch
 from sslray.evaluate import evaluate
-from sslray.methods import NonFiniteLossError, build_method
+from sslray.methods import build_method
 from sslray.models import build_model
 from sslray.storage import CHECKPOINT_FILE, atomic_write, checkpoint_dir
 from sslray.teacher_student import TeacherStudent
+from sslray.throughput import FiniteGuard, MemoryGuard, Settings, apply_to_model, resolve
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 # Per-evaluation arrays kept only for the final metrics (the results row), not in every history entry.
@@ -73,14 +75,6 @@ class Runtime:
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
     return base_lr * (1.0 - iteration / total) ** power
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "none":
-        return None
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp: fp16 autocast needs a CUDA device; use bf16 or none")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -149,11 +143,14 @@ class _Bar:
             self.bar = tqdm(total=cfg.train.iterations, initial=start, desc=cfg.name, dynamic_ncols=True,
                             file=sys.stderr, unit="it")
 
-    def step(self, it: int, losses: dict[str, torch.Tensor]) -> None:
+    def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            if (it + 1) % 10 == 0:
-                self.bar.set_postfix(loss=f"{float(losses['loss']):.3f}", refresh=False)
+
+    def logged(self, metrics: dict[str, Any]) -> None:
+        """The loss at log points only: reading it every few steps would synchronise the device."""
+        if self.bar is not None and "train/loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", refresh=False)
 
     def evaluated(self, metrics: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -186,10 +183,19 @@ def _step_diagnostics(out, conf_thresh: float, batch_u: dict | None) -> dict[str
     return diag
 
 
-def _to(batch: dict | None, device: torch.device) -> dict | None:
+def _to(batch: dict | None, device: torch.device, channels_last: bool = False) -> dict | None:
+    """A collated batch on the device (``host_*`` keys stay on the host), its strong views made there under
+    ``data.augment_on: device``, images channels_last when asked."""
     if batch is None:
         return None
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and not k.startswith("host_") else v
+           for k, v in batch.items()}
+    if PARAMS_KEY in out:
+        out = augment_batch(out)
+    if channels_last:  # images only (4-D float); masks and boxes keep their layout
+        out = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4
+               and v.is_floating_point() else v for k, v in out.items()}
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,14 +231,28 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     ts: TeacherStudent
     amp_dtype: torch.dtype | None
+    settings: Settings = field(default_factory=Settings)
+    memory: MemoryGuard | None = None
 
     def validate(self) -> dict[str, Any]:
-        """Evaluate the student (or the teacher, ``train.eval_model``) on the validation set, all ranks together."""
+        """Evaluate the student (or the teacher, ``train.eval_model``) on the validation set, all ranks together.
+
+        ``both`` (UniMatch V2's log): ``val/*`` from the student and ``val_ema/*`` from the EMA teacher (the student
+        alone when the method has no EMA teacher)."""
         cfg, data, ts = self.cfg, self.data, self.ts
-        eval_model = ts.teacher.model if (cfg.train.eval_model == "teacher" and ts.teacher) else self.model
-        return evaluate(eval_model, data.val, data.num_classes, data.eval_mode, data.crop_size, self.runtime.device,
-                        data.class_names, data.ignore_index, self.runtime.rank, self.runtime.world_size,
-                        self.amp_dtype, per_image=True)
+        mode = cfg.train.eval_model
+        eval_model = ts.teacher.model if (mode == "teacher" and ts.teacher) else self.model
+        val = self._evaluate(eval_model, per_image=True)
+        if mode == "both" and ts.teacher is not None:
+            ema = self._evaluate(ts.teacher.model, per_image=False)
+            val.update({"val_ema/" + k.removeprefix("val/"): v for k, v in ema.items() if k != "val/confusion"})
+        return val
+
+    def _evaluate(self, model: nn.Module, per_image: bool) -> dict[str, Any]:
+        data, rt = self.data, self.runtime
+        return evaluate(model, data.val, data.num_classes, data.eval_mode, data.crop_size, rt.device,
+                        data.class_names, data.ignore_index, rt.rank, rt.world_size, self.amp_dtype,
+                        per_image=per_image)
 
 
 @dataclass
@@ -248,33 +268,49 @@ class _Progress:
 STREAM_X, STREAM_U, STREAM_MIX = 0, 1, 2
 
 
-def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str) -> _Parts:
-    """Data (split files under ``out_dir`` on rank 0), model, method, optimizer and the teacher-student step."""
+def _build(cfg: TrialConfig, runtime: Runtime, out_dir: str, data: Any = None) -> _Parts:
+    """Data (split files under ``out_dir`` on rank 0), model, method, optimizer and the teacher-student step.
+    ``data``: already built data (``benchmarks/gpu.py`` passes only ``num_classes`` and ``ignore_index``)."""
     device = runtime.device
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    data = build_data(cfg.data, workdir=out_dir if runtime.is_main else None)
+    if data is None:
+        data = build_data(cfg.data, workdir=out_dir if runtime.is_main else None)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, data.num_classes).to(device)
+    settings = resolve(cfg, device)
+    model = apply_to_model(build_model(cfg.model, data.num_classes).to(device), settings)
+    memory = MemoryGuard(cfg.run.gpu_memory_fraction, device)
+    memory.start(model)  # a packed trial (resources.gpus_per_worker < 1) that cannot fit is refused here
     if runtime.world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     method = build_method(cfg.method, data.num_classes, data.ignore_index, model.feature_dims, cfg.train.iterations)
     method.modules.to(device)
     backbone, head = model.param_groups()
     head = head + [p for p in method.modules.parameters() if p.requires_grad]  # method heads: head lr
-    optimizer = torch.optim.SGD(
-        [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult}],
-        lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    optimizer = _optimizer(cfg, backbone, head, settings.optimizer_kwargs)
     student = model
     if runtime.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         student = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    amp_dtype = _amp_dtype(cfg.train.amp, device)
+    amp_dtype = settings.amp_dtype
     ts = TeacherStudent(student, cfg.method, method.needs, student_module=model, amp_dtype=amp_dtype,
                         refine_teacher=method.refine_teacher if method.refines_teacher else None)
+    if settings.compile:  # in place after the EMA copy: state_dict keys stay those of the plain model
+        model.compile()
     # Dropout (FP) differs per rank, like independent GPUs; the stream itself is part of the checkpoint.
     torch.manual_seed(cfg.seed * 1009 + runtime.rank + 1)
-    return _Parts(cfg, runtime, data, model, method, optimizer, ts, amp_dtype)
+    return _Parts(cfg, runtime, data, model, method, optimizer, ts, amp_dtype, settings, memory)
+
+
+def _optimizer(cfg: TrialConfig, backbone: list, head: list, impl: dict | None = None) -> torch.optim.Optimizer:
+    """SGD (UniMatch V1; momentum) or AdamW (UniMatch V2; betas (0.9, 0.999)); group 0 backbone, group 1 heads.
+    ``impl``: the implementation keywords of ``run.optimizer_impl`` (foreach / fused), which both accept."""
+    groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.lr * cfg.optim.head_lr_mult}]
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.999), weight_decay=cfg.optim.weight_decay,
+                                 **(impl or {}))
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                           **(impl or {}))
 
 
 def _resume_path(resume_from: str | None, ckpt_dir: str) -> str | None:
@@ -316,8 +352,10 @@ def _streams(parts: _Parts, start: int) -> Callable[[], tuple[dict, dict | None,
                                      **common)
     streams = [iter(loader) if loader is not None else None for loader in loaders]
 
+    channels_last = parts.settings.channels_last
+
     def next_batches() -> tuple[dict, dict | None, dict | None]:
-        x, u, mix = (_to(next(s), rt.device) if s is not None else None for s in streams)
+        x, u, mix = (_to(next(s), rt.device, channels_last) if s is not None else None for s in streams)
         return x, u, mix
 
     return next_batches
@@ -341,7 +379,7 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     ckpt_dir = str(checkpoint_dir(out_dir))
     t_start = time.perf_counter()
     parts = _build(cfg, runtime, out_dir)
-    model, method, optimizer, ts = parts.model, parts.method, parts.optimizer, parts.ts
+    model, method = parts.model, parts.method
     progress = _restore(parts, _resume_path(resume_from, ckpt_dir))
     next_batches = _streams(parts, progress.start)
     total = cfg.train.iterations
@@ -349,35 +387,27 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     metrics: dict[str, Any] = {}
     model.train()
     method.modules.train()
+    guard, check_every = FiniteGuard(), cfg.run.finite_check_every
     for it in range(progress.start, total):
-        batch_x, batch_u, batch_mix = next_batches()
-        lr = _set_lr(optimizer, cfg, it)
-
-        out = ts.step(batch_x, batch_u, batch_mix, iteration=it)
-        losses = method.losses(out)
-        if not torch.isfinite(losses["loss"]):
-            method.check_finite(losses, it)
-            raise NonFiniteLossError(it, "total", float(losses["loss"]))
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        method.sync_grads()
-        optimizer.step()
-        ts.after_optimizer_step()
-        method.after_step(out)
-
-        with torch.no_grad():
-            meter.add({**{"train/" + k: v for k, v in losses.items()},
-                       **_step_diagnostics(out, cfg.method.conf_thresh, batch_u), **method.diagnostics()})
+        batches = next_batches()
+        lr = _set_lr(parts.optimizer, cfg, it)
+        with parts.memory.probing(first=it == progress.start):  # the first step measures a packed trial's peak
+            _train_step(parts, batches, it, guard, meter)
         log.steps += 1
-        bar.step(it, losses)
+        bar.step()
 
         last = it + 1 == total
-        if (it + 1) % cfg.run.log_every == 0 or (it + 1) % cfg.train.eval_every == 0 or last:
+        evaluating = (it + 1) % cfg.train.eval_every == 0 or last
+        logging = evaluating or (it + 1) % cfg.run.log_every == 0
+        if logging or (check_every and (it + 1) % check_every == 0):
+            guard.check()  # the only host read of the step's losses: raises for the first bad iteration
+        if logging:
             metrics = {"iteration": it + 1, "train/lr": lr, **_mean_across_ranks(meter.means(), world, device),
                        **log.timing(device)}
-            if on_log is not None and not ((it + 1) % cfg.train.eval_every == 0 or last):
+            bar.logged(metrics)
+            if on_log is not None and not evaluating:
                 on_log(dict(metrics))  # an evaluation step reports its metrics (these included) to the reporter
-        if (it + 1) % cfg.train.eval_every == 0 or last:
+        if evaluating:
             metrics, checkpoint = _evaluate_and_save(parts, progress, metrics, it + 1, ckpt_dir, t_start)
             bar.evaluated(metrics)
             if reporter is not None:  # every rank: Ray Train's report is a barrier; only rank 0 has the checkpoint
@@ -388,6 +418,25 @@ def fit(cfg: TrialConfig, runtime: Runtime | None = None, reporter: Reporter | N
     metrics["time/wall_s"] = time.perf_counter() - t_start
     metrics["resumed_from"] = progress.start  # 0 for a fresh run; the iteration a resumed run continued from
     return FitResult(metrics, progress.history)
+
+
+def _train_step(parts: _Parts, batches: tuple, it: int, guard: FiniteGuard, meter: _Meter) -> None:
+    """One optimisation step with no host synchronisation: losses are watched by ``guard`` on the device and
+    accumulated by ``meter`` on the device; both are read back at log points only."""
+    batch_x, batch_u, batch_mix = batches
+    method, optimizer, ts = parts.method, parts.optimizer, parts.ts
+    out = ts.step(batch_x, batch_u, batch_mix, iteration=it)
+    losses = method.losses(out)
+    guard.watch(losses, it)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    method.sync_grads()
+    optimizer.step()
+    ts.after_optimizer_step()
+    method.after_step(out)
+    with torch.no_grad():
+        meter.add({**{"train/" + k: v for k, v in losses.items()},
+                   **_step_diagnostics(out, parts.cfg.method.conf_thresh, batch_u), **method.diagnostics()})
 
 
 class _LogClock:
@@ -414,7 +463,9 @@ def _evaluate_and_save(parts: _Parts, progress: _Progress, metrics: dict[str, An
     parts.model.train()
     metrics = {**metrics, **val}
     if not progress.best or val["val/miou"] > progress.best.get("best/val/miou", -1):
-        progress.best = {"best/val/miou": val["val/miou"], "best/iteration": iteration}
+        progress.best = {**progress.best, "best/val/miou": val["val/miou"], "best/iteration": iteration}
+    if "val_ema/miou" in val and val["val_ema/miou"] > progress.best.get("best/val_ema/miou", -1):
+        progress.best = {**progress.best, "best/val_ema/miou": val["val_ema/miou"], "best_ema/iteration": iteration}
     metrics.update(progress.best)
     metrics["time/wall_s"] = time.perf_counter() - t_start
     progress.history.append({k: v for k, v in metrics.items() if k not in NOT_IN_HISTORY})

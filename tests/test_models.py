@@ -35,7 +35,7 @@ def r18_os16():
 
 
 def test_registry():
-    assert list_models() == ["small", "deeplabv3plus"]
+    assert list_models() == ["small", "deeplabv3plus", "dpt"]
     with pytest.raises(ValueError, match="unknown model"):
         build_model(_cfg(name="unet"), K)
 

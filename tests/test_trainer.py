@@ -164,7 +164,7 @@ def test_cli_bad_config_one_line_exit_2(tmp_path, capsys):
     assert cli_main(["train", cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"sslray: error: {cfg}: optim.lrr: unknown key (expected one of: lr, head_lr_mult, momentum, "
-                   "weight_decay, poly_power)"]
+                   "weight_decay, poly_power, optimizer)"]
     assert cli_main(["validate", cfg]) == 2
 
 

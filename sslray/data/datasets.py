@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as F
 
 from sslray.config import AugConfig, DataConfig, SyntheticConfig
 from sslray.data import cityscapes, synthetic, voc
+from sslray.data.device_augs import PARAMS_KEY, WEAK_U8_KEY
 from sslray.data.readers import FileSource
 from sslray.data.splits import Partition, SplitEntry, generate_partition, write_partition
-from sslray.data.transforms import cutmix_box, normalize, strong_view, weak_view
+from sslray.data.transforms import apply_strong, cutmix_box, draw_strong, normalize, weak_view
 
 UNLABELED_PAD = 254  # mask value of padding in unlabeled weak views; cannot collide with a real 255 (UniMatch)
 
@@ -200,11 +202,15 @@ class UnlabeledDataset(Dataset):
     value 254, which is all UniMatch uses the real mask of an unlabeled image for. With ``with_truth`` the real
     mask takes that path instead (real labels never equal 254) and comes back as ``mask_u_true`` long [c, c]
     (255 on padding and ignore), used only for the ``train/pseudo_acc`` diagnostic, never by a loss.
+
+    With ``augment_on="device"`` the three views are replaced by the weak view as uint8 (``img_u_w_u8``) and the
+    strong views' draws (``host_strong_params`` [2, 12]), which :func:`sslray.data.device_augs.augment_batch` turns
+    into the same three keys on the device.
     """
 
     def __init__(self, source: Source, entries: Sequence[SplitEntry], crop: int, aug: AugConfig,
-                 with_truth: bool = False):
-        self.source, self.entries, self.crop, self.aug = source, list(entries), crop, aug
+                 with_truth: bool = False, augment_on: str = "loader"):
+        self.source, self.entries, self.crop, self.aug, self.augment_on = source, list(entries), crop, aug, augment_on
         self.with_truth = with_truth and all(e.mask is not None for e in self.entries)
 
     def __len__(self) -> int:
@@ -217,14 +223,18 @@ class UnlabeledDataset(Dataset):
         img, truth = self.source.load(self.entries[index], with_mask=self.with_truth)
         mask_in = truth if truth is not None else Image.new("L", img.size, 0)
         img_w, pad = weak_view(img, mask_in, self.crop, UNLABELED_PAD, rng, a.scale, a.hflip_p)
-        views, boxes = [], []
+        draws, boxes = [], []
         for _ in range(2):  # s1 then s2, each with its own box, in UniMatch's draw order
-            views.append(strong_view(img_w, rng, a.jitter, a.jitter_p, a.gray_p, a.blur_p, a.blur_sigma))
+            draws.append(draw_strong(rng, a.jitter, a.jitter_p, a.gray_p, a.blur_p, a.blur_sigma))
             boxes.append(cutmix_box(self.crop, rng, a.cutmix_p, a.cutmix_area, a.cutmix_ratio))
         pad_t = torch.from_numpy(np.array(pad, dtype=np.int64))
         ignore_mask_u = torch.where(pad_t == UNLABELED_PAD, 255, 0)
-        out = {"img_u_w": normalize(img_w), "img_u_s1": normalize(views[0]), "img_u_s2": normalize(views[1]),
-               "ignore_mask_u": ignore_mask_u, "cutmix_box1": boxes[0], "cutmix_box2": boxes[1]}
+        out = {"ignore_mask_u": ignore_mask_u, "cutmix_box1": boxes[0], "cutmix_box2": boxes[1]}
+        if self.augment_on == "device":  # strong views made on the device (sslray.data.device_augs)
+            out.update({WEAK_U8_KEY: F.pil_to_tensor(img_w), PARAMS_KEY: torch.stack(draws)})
+        else:
+            out.update(img_u_w=normalize(img_w), img_u_s1=normalize(apply_strong(img_w, draws[0])),
+                       img_u_s2=normalize(apply_strong(img_w, draws[1])))
         if truth is not None:
             out["mask_u_true"] = torch.where(pad_t == UNLABELED_PAD, 255, pad_t)
         return out
@@ -292,7 +302,8 @@ def build_data(cfg: DataConfig, workdir: str | os.PathLike | None = None) -> Tri
     return TrialData(
         spec=spec,
         labeled=LabeledDataset(source, partition.labeled, crop, cfg.aug, spec.ignore_index),
-        unlabeled=UnlabeledDataset(source, partition.unlabeled, crop, cfg.aug, with_truth=with_truth),
+        unlabeled=UnlabeledDataset(source, partition.unlabeled, crop, cfg.aug, with_truth=with_truth,
+                                   augment_on=cfg.augment_on),
         val=ValDataset(source, val_entries),
         partition=partition, split_sha256=sha, crop_size=crop, eval_mode=cfg.eval_mode or spec.eval_mode,
         num_classes=spec.num_classes, ignore_index=spec.ignore_index, class_names=spec.class_names)

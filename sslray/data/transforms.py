@@ -101,13 +101,59 @@ def strong_view(img: Image.Image, rng: np.random.Generator,
                 gray_p: float = 0.2, blur_p: float = 0.5,
                 blur_sigma: tuple[float, float] = (0.1, 2.0)) -> Image.Image:
     """Photometric strong view of an RGB image (same size): colour jitter, grayscale, Gaussian blur."""
+    return apply_strong(img, draw_strong(rng, jitter, jitter_p, gray_p, blur_p, blur_sigma))
+
+
+# A strong view's random draws as 12 floats: jitter gate, the 4 jitter ops in order (-1: skipped, strength 0), the 4
+# factors (brightness, contrast, saturation, hue), grayscale gate, blur gate, blur sigma. ``data.augment_on: device``
+# ships these from the loader and applies them on the device (:mod:`sslray.data.device_augs`).
+STRONG_PARAMS = 12
+
+
+def draw_strong(rng: np.random.Generator, jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+                jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 0.5,
+                blur_sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """The strong view's draws in UniMatch's order (jitter gate; jitter order and all 4 factors, only when the gate
+    passes; grayscale gate; blur gate; sigma, only when that gate passes) -> float64 [STRONG_PARAMS]."""
+    p = torch.zeros(STRONG_PARAMS, dtype=torch.float64)
+    p[1:5] = -1
     if rng.random() < jitter_p:
-        img = color_jitter(img, rng, jitter)
-    if rng.random() < gray_p:
-        img = F.rgb_to_grayscale(img, num_output_channels=3)  # keep 3 channels: the model expects RGB
+        order, factors = _jitter_draws(rng, jitter)
+        p[0] = 1
+        kept = [int(i) for i in order if jitter[i] > 0]
+        p[1:1 + len(kept)] = torch.tensor(kept, dtype=torch.float64)
+        p[5:9] = torch.tensor(factors, dtype=torch.float64)
+    p[9] = float(rng.random() < gray_p)
     if rng.random() < blur_p:
-        img = gaussian_blur(img, float(rng.uniform(*blur_sigma)))
+        p[10], p[11] = 1, float(rng.uniform(*blur_sigma))
+    return p
+
+
+_JITTER_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+
+
+def apply_strong(img, params: torch.Tensor, blur=None):
+    """Apply one strong view's draws (:func:`draw_strong`) to a PIL image or to a float [3, H, W] tensor in [0, 1]:
+    the same ``torchvision.transforms.v2.functional`` ops on either (they dispatch on the input type); the blur is
+    PIL's (:func:`gaussian_blur`) on PIL input and ``blur(img, sigma)`` on a tensor."""
+    values = params.tolist()
+    if values[0]:
+        for i in values[1:5]:
+            if i >= 0:
+                img = _JITTER_OPS[int(i)](img, float(values[5 + int(i)]))
+    if values[9]:
+        img = F.rgb_to_grayscale(img, num_output_channels=3)  # keep 3 channels: the model expects RGB
+    if values[10]:
+        img = gaussian_blur(img, values[11]) if blur is None else blur(img, values[11])
     return img
+
+
+def _jitter_draws(rng: np.random.Generator, jitter: tuple[float, float, float, float]) -> tuple[np.ndarray, list]:
+    """A random order of the 4 jitter ops and all 4 factors (``U(max(0, 1-x), 1+x)``; hue ``U(-h, h)``)."""
+    b, c, s, h = jitter
+    order = rng.permutation(4)
+    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (b, c, s)] + [rng.uniform(-h, h)]
+    return order, factors
 
 
 def color_jitter(img: Image.Image, rng: np.random.Generator,
@@ -117,13 +163,10 @@ def color_jitter(img: Image.Image, rng: np.random.Generator,
 
     All 4 factors are always drawn so the stream position after this call does not depend on the strengths.
     """
-    b, c, s, h = jitter
-    order = rng.permutation(4)
-    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (b, c, s)] + [rng.uniform(-h, h)]
-    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    order, factors = _jitter_draws(rng, jitter)
     for i in order:
         if jitter[i] > 0:
-            img = ops[i](img, float(factors[i]))
+            img = _JITTER_OPS[i](img, float(factors[i]))
     return img
 
 

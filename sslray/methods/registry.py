@@ -15,6 +15,7 @@ from sslray.methods.settings import (EntropyDropConfig, GuidedMixConfig, IPixTer
                                      MLLCPairConfig, MLLCProtoConfig, MLLCUnsupConfig, PCRConfig,
                                      SupervisedTermConfig, check_guidedmix, check_mllc, check_pcr)
 from sslray.methods.spec import Family, Ref, Term, TermConfig
+from sslray.methods.unimatch_v2 import PRESET as _UNIMATCH_V2
 
 
 def _method_module(name: str):
@@ -137,6 +138,8 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
                            "u_s1": {"weight": 0.0}, "u_drop": {"weight": 1.0}}},
     # Standalone: pcr_base + the prototype terms (lambda_proto = 1 [C]); after another preset: only the latter.
     "pcr": {"base": "pcr_base", "terms": {"pcr_x": {"weight": 1.0}, "pcr_u": {"weight": 1.0}}},
+    # UniMatch V2 (sslray/methods/unimatch_v2.py): EMA 0.996, paired channel dropout, flip CutMix, (L_x + mean L_s) / 2
+    "unimatch_v2": _UNIMATCH_V2,
     # FixMatch + MLLC with the official code's weights (methods.md §8.1); "unimatch+mllc", "meanteacher+mllc" add
     # the same terms to those bases.
     "mllc": {"base": "fixmatch",
@@ -157,6 +160,8 @@ METHOD_DOCS: dict[str, str] = {
                        "mixed prediction",
     "pcr_base": "U2PL/PCR's training without prototypes: EMA teacher, OHEM L_x + entropy-filtered L_u (u_drop)",
     "pcr": "PCR: pcr_base + prototype-head terms (pcr_x, pcr_u) with momentum class prototypes",
+    "unimatch_v2": "UniMatch V2: EMA teacher (0.996), two CutMix strong views with complementary channel dropout, "
+                   "(L_x + (L_s1 + L_s2) / 2) / 2",
     "mllc": "MLLC: FixMatch + graph label correction rounds (mllc_x, mllc_u) and level prototypes (mllc_proto)",
 }
 
