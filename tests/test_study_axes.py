@@ -93,7 +93,7 @@ report: {rows: variant, cols: data.partition}
      "grid.data.partition[0].optim.lr: expected a number, got 'fast'"),
     ("  data.partition: [{data.partition: '16', optim.bogus: 1}]\n",
      "grid.data.partition[0].optim.bogus: unknown config key (optim has: lr, head_lr_mult, momentum, weight_decay, "
-     "poly_power)"),
+     "poly_power"),
     ("  data.partition: ['16', {data.partition: '16', optim.lr: 0.02}]\n", "grid.data.partition: lists '16' twice"),
 ])
 def test_bad_paired_axis_is_one_line(tmp_path, grid, message):
