@@ -146,6 +146,10 @@ def _run_parser(sub) -> None:
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker died (default 2)")
     r.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"], help="table format")
+    r.add_argument("--verbose", action="store_true", help="also show Ray's start-up notices (token auth)")
+    r.add_argument("--reuse-from", metavar="DIR", action="append", default=[],
+                   help="another study's storage: its finished trials with the same trial id are copied here "
+                        "(column reused_from) instead of trained again; repeatable")
 
 
 def _table_parser(sub) -> None:
@@ -358,9 +362,22 @@ def _print_plan(study, todo, skipped, storage: str) -> None:
     kind = f"Optuna search ({study.search.sampler}, {study.search.num_samples} samples)" if study.search else "grid"
     print(f"study {study.name}: {kind}; {len(todo)} to run, {len(skipped)} already stored in {storage}")
     print(f"resources per trial: {r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU")
+    if study.search is None:
+        _print_table_shape(study)
     for p in todo:
         cell = " ".join(f"{k}={v}" for k, v in p.point.items())
         print(f"  {p.trial_id[:12]}  {cell}  seed={p.seed}")
+
+
+def _print_table_shape(study) -> None:
+    """The report's rows and columns as planned (``rows: method.name (7) ...; cols: data.partition (5) 92, ...``)."""
+    from sslray.study import row_label
+
+    planned = study.trials(unique=False)
+    for axis in ("rows", "cols"):
+        key = getattr(study.report, axis)
+        labels = list(dict.fromkeys(row_label(t, key) for t in planned))
+        print(f"table {axis}: {key} ({len(labels)}): {', '.join(labels)}")
 
 
 def _dry_run(study, storage: str, args: argparse.Namespace) -> int:
@@ -427,15 +444,38 @@ def _table(study, storage: str, fmt: str, **over) -> str:
     return "\n".join(render(s, fmt) for s in report.values())
 
 
+def _reuse(study, storage: str, sources: list[str], dry_run: bool) -> None:
+    """``--reuse-from``: copy the other stores' ok rows of trials this study plans (``sslray.reuse``); a dry run
+    only says how many it would take."""
+    from sslray.results import ResultsStore
+    from sslray.reuse import reuse_trials
+    from sslray.storage import StudyStorage
+
+    for source in sources:
+        if not os.path.isdir(source):
+            raise ConfigError(source, "--reuse-from", "no such directory (expected another study's storage)")
+        if dry_run:
+            other = ResultsStore(source).ids("ok") if os.path.isdir(source) else set()
+            n = len({p.trial_id for p in study.trials()} & other - ResultsStore(storage).ids())
+            print(f"--reuse-from {source}: {n} trial(s) would be reused")
+            continue
+        taken = reuse_trials(study.trials(), source, StudyStorage(storage), study.name)
+        print(f"reused {len(taken)} finished trial(s) from {source}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     study, storage = _load(args)
     from sslray import tracking
 
     tracking.settings_for(study, storage)  # an unknown WANDB_MODE is refused here, before anything starts
+    if getattr(args, "reuse_from", None):
+        _reuse(study, storage, args.reuse_from, args.dry_run)
     if args.dry_run:
         return _dry_run(study, storage, args)
     from sslray import ray_adapter
 
+    if getattr(args, "verbose", False):
+        ray_adapter.show_ray_notices()
     try:
         # --resume needs nothing extra: stored trials are skipped and unfinished ones find their checkpoints
         summary = ray_adapter.run_study(study, address=args.address, storage=storage,

@@ -29,7 +29,8 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping  # not typing.Mapping: its isinstance is ~10x slower (planning)
+from typing import Any
 
 import yaml
 
@@ -217,14 +218,17 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
-    def identity(self) -> dict[str, Any]:
-        d = self.to_dict()
+    def identity(self, plain: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fields that define the trial; ``plain`` is this config's ``to_dict()`` when the caller has it."""
+        d = dict(self.to_dict() if plain is None else plain)
         for k in self.NON_IDENTITY:
             d.pop(k, None)
         return d
 
-    def trial_id(self) -> str:
-        blob = json.dumps({"v": IDENTITY_VERSION, **self.identity()}, sort_keys=True, separators=(",", ":"))
+    def trial_id(self, plain: dict[str, Any] | None = None) -> str:
+        """sha256 of the identity; ``plain`` (this config's ``to_dict()``) saves converting it again when planning
+        thousands of trials."""
+        blob = json.dumps({"v": IDENTITY_VERSION, **self.identity(plain)}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def short_id(self) -> str:
@@ -514,9 +518,9 @@ def build_section(cls: type, d: Any, path: str, source: str | None) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def type_hints(cls: type) -> dict[str, Any]:
-    """``typing.get_type_hints(cls)``, once per class: it re-evaluates every string annotation on each call, and a
-    study of 10,000 trials builds each config class 10,000 times (a class's annotations never change)."""
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` once per class: it re-evaluates every annotation string on each call, which was
+    most of the time of planning a large study."""
     return typing.get_type_hints(cls)
 
 
@@ -527,8 +531,8 @@ def _build(cls: type, d: Any, path: str, source: str | None, problems: bool = Tr
         raise ConfigError(source, path, f"expected a mapping, got {d!r}")
     if cls is MethodConfig:
         return _build_method(d, path, source)
-    hints = type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _type_hints(cls)
+    fields = _init_fields(cls)
     for k in d:
         if k not in fields:
             where = f"{path}.{k}" if path else str(k)
@@ -554,6 +558,37 @@ def _build(cls: type, d: Any, path: str, source: str | None, problems: bool = Tr
 
 
 def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
+    """The method section (memoised on its written content: a study plans thousands of trials whose method
+    sections are a handful of distinct ones, and MethodConfig is immutable)."""
+    key = _freeze(d)
+    if key is None:
+        return _build_method_uncached(d, path, source)
+    key = (key, path, source)
+    hit = _METHOD_CACHE.get(key)
+    if hit is None:
+        if len(_METHOD_CACHE) >= 1024:
+            _METHOD_CACHE.clear()
+        hit = _METHOD_CACHE[key] = _build_method_uncached(d, path, source)
+    return hit
+
+
+_METHOD_CACHE: dict = {}
+
+
+def _freeze(v: Any) -> Any:
+    """A hashable, type-exact key of a YAML value (``1``, ``1.0`` and ``True`` differ), or None if it has none."""
+    if isinstance(v, Mapping):
+        items = [(k, _freeze(x)) for k, x in v.items()]
+        return None if any(x is None and v[k] is not None for k, x in items) else ("d", tuple(sorted(items, key=repr)))
+    if isinstance(v, (list, tuple)):
+        items = tuple(_freeze(x) for x in v)
+        return None if any(x is None and y is not None for x, y in zip(items, v)) else ("l", items)
+    if type(v) in _SCALARS:
+        return (type(v).__name__, v)
+    return None
+
+
+def _build_method_uncached(d: Mapping, path: str, source: str | None) -> MethodConfig:
     from sslray.methods import METHOD_PRESETS, TERMS  # late: the registry imports torch
 
     p = f"{path}." if path else ""
@@ -582,7 +617,7 @@ def _build_method(d: Mapping, path: str, source: str | None) -> MethodConfig:
                               f"unknown loss term (expected one of: {', '.join(TERMS)})")
         terms[tname] = _build_term(TERMS[tname].config_cls, tval or {}, f"{p}terms.{tname}", source)
     rest = {k: v for k, v in merged.items()}
-    hints = type_hints(MethodConfig)
+    hints = _type_hints(MethodConfig)
     fields = [f.name for f in dataclasses.fields(MethodConfig)]
     kwargs: dict[str, Any] = {"name": name, "terms": terms}
     for k, v in rest.items():
@@ -672,18 +707,16 @@ _NON_NEGATIVE = {"seed", "split_seed", "lr", "head_lr_mult", "momentum", "weight
 
 def _check(obj: Any, path: str, source: str | None) -> None:
     p = f"{path}." if path else ""
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        key = p + f.name
-        allowed = _CHOICES.get((type(obj), f.name), getattr(type(obj), "CHOICES", {}).get(f.name))
+    for name, allowed, prob, pos, nonneg in _field_rules(type(obj)):
+        v = getattr(obj, name)
         if allowed is not None and v not in allowed:
-            raise ConfigError(source, key, f"expected one of {[a for a in allowed if a is not None]}, got {v!r}")
-        if f.name in _PROBABILITIES and isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise ConfigError(source, key, f"expected a value in [0, 1], got {v!r}")
-        if f.name in _POSITIVE and isinstance(v, (int, float)) and v <= 0:
-            raise ConfigError(source, key, f"expected a positive value, got {v!r}")
-        if f.name in _NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
-            raise ConfigError(source, key, f"expected a non-negative value, got {v!r}")
+            raise ConfigError(source, p + name, f"expected one of {[a for a in allowed if a is not None]}, got {v!r}")
+        if prob and isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ConfigError(source, p + name, f"expected a value in [0, 1], got {v!r}")
+        if pos and isinstance(v, (int, float)) and v <= 0:
+            raise ConfigError(source, p + name, f"expected a positive value, got {v!r}")
+        if nonneg and isinstance(v, (int, float)) and v < 0:
+            raise ConfigError(source, p + name, f"expected a non-negative value, got {v!r}")
     if isinstance(obj, AugConfig):
         for name in ("scale", "blur_sigma", "cutmix_area", "cutmix_ratio"):
             lo, hi = getattr(obj, name)
@@ -691,6 +724,26 @@ def _check(obj: Any, path: str, source: str | None) -> None:
                 raise ConfigError(source, p + name, f"expected 0 < low <= high, got {[lo, hi]}")
         if obj.jitter[3] > 0.5:  # torchvision's ColorJitter: hue is a fraction of the colour wheel, at most 0.5
             raise ConfigError(source, p + "jitter[3]", f"expected a hue jitter in [0, 0.5], got {obj.jitter[3]!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_rules(cls: type) -> tuple[tuple[str, Any, bool, bool, bool], ...]:
+    """(name, allowed choices or None, probability?, positive?, non-negative?) of each field, once per class."""
+    return tuple((name, _CHOICES.get((cls, name), getattr(cls, "CHOICES", {}).get(name)), name in _PROBABILITIES,
+                  name in _POSITIVE, name in _NON_NEGATIVE) for name in _field_names(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fields(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The field names of a dataclass (``dataclasses.fields`` rebuilds its tuple on every call); () otherwise."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return ()
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _check_range(rng: Range, value: Any, written: Any, key: str, source: str | None) -> None:
@@ -704,9 +757,15 @@ def _check_range(rng: Range, value: Any, written: Any, key: str, source: str | N
             raise ConfigError(source, where, f"expected {rng.words}, got {w!r}")
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if type(obj) in _SCALARS:  # the common case first: planning converts thousands of configs
+        return obj
+    names = _field_names(type(obj))
+    if names:
+        return {n: _to_plain(getattr(obj, n)) for n in names}
     if isinstance(obj, Mapping):
         return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -29,6 +29,7 @@ Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -48,6 +49,14 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune bann
 # Tune copies AWS_* credentials from the driver into every trial's runtime env, and at INFO Ray's runtime-env agent
 # writes that env, secrets included, to <ray temp>/session_*/logs/runtime_env_agent.log (measured with Ray 2.60).
 os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+
+import logging  # noqa: E402
+
+# Ray 2.60 logs "Token authentication is enabled for this Ray cluster ..." at every local start: a notice for
+# cluster operators, not for someone running a study (sslray run --verbose shows it; real Ray errors still do).
+_RAY_NOTICES = ("ray._private.authentication.authentication_token_setup",)
+for _name in _RAY_NOTICES:
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
@@ -93,6 +102,7 @@ class TrialSpec:
     trial_id: str | None = None
     cell: dict = dataclasses.field(default_factory=dict)
     base: dict | None = None
+    seeds: tuple[int, ...] = ()  # a search: every sampled configuration runs each of these (search_driver)
 
     def __repr__(self) -> str:  # Tune names trial directories and log lines after it: keep it short
         what = self.trial_id[:12] if self.trial_id else "search"
@@ -211,6 +221,55 @@ def trial_driver(config: dict) -> dict:
     outcome = fit_on(spec, cfg, cell)
     _finish(spec, cfg, cell, outcome, t0, rerun)
     return {**_scalars(outcome.metrics), "sslray_status": outcome.status, "sslray_trial_id": cfg.trial_id()}
+
+
+def search_driver(config: dict) -> dict:
+    """The Tune trial function of a search without a scheduler: one Tune trial per sampled configuration, which
+    trains it once per seed of the study, one seed after the other, each as its own sslray trial (own id, row,
+    checkpoint, W&B run). A seed whose ``ok`` row is already stored is taken from the store (a configuration
+    re-run after a killed driver trains only what is missing). Returns the mean over seeds of every scalar metric
+    (what OptunaSearch tells the Optuna study: one value per configuration), ``<metric>/std`` and ``seeds``."""
+    spec: TrialSpec = config["sslray"]
+    load_plugins(list(spec.plugins))
+    store = ResultsStore(StudyStorage(spec.storage))
+    finals, statuses, ids = [], [], []
+    for seed in spec.seeds or (spec.seed,):
+        seeded = dataclasses.replace(spec, seed=seed)
+        cfg, cell = seeded.resolve(config.get("params"))
+        ids.append(cfg.trial_id())
+        row = _stored_row(store, cfg.trial_id())
+        if row is None or row.get("status") != "ok":
+            rerun = StudyStorage(spec.storage).write_trial_config(cfg, spec.plugins)
+            t0 = time.time()
+            outcome = (_fit_in_actor if spec.resources.workers == 1 else _fit_on_workers)(seeded, cfg, cell)
+            row = _finish(seeded, cfg, cell, outcome, t0, rerun)
+        statuses.append(row.get("status"))
+        finals.append(_scalars({k: v for k, v in row.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}))
+    return {**seed_means(finals), "sslray_status": "ok" if set(statuses) == {"ok"} else "failed",
+            "sslray_trial_id": ids[0], "sslray_trial_ids": ",".join(ids)}
+
+
+def _stored_row(store: ResultsStore, trial_id: str) -> dict | None:
+    if not store.has(trial_id):
+        return None
+    import pandas as pd
+
+    return pd.read_parquet(store.path(trial_id)).iloc[0].to_dict()
+
+
+def seed_means(finals: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over seeds of each metric every seed has, plus ``<metric>/std`` (sample std; 0 for one seed) and
+    ``seeds`` (their number)."""
+    import statistics
+
+    keys = set.intersection(*(set(f) for f in finals)) if finals else set()
+    out: dict[str, float] = {"seeds": len(finals)}
+    for k in sorted(keys):
+        values = [float(f[k]) for f in finals if not math.isnan(float(f[k]))]
+        if len(values) == len(finals):
+            out[k] = statistics.fmean(values)
+            out[f"{k}/std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
 
 
 def _fit_in_actor(spec: TrialSpec, cfg: TrialConfig, cell: dict) -> _Outcome:
@@ -364,6 +423,104 @@ class _Progress(ray.tune.Callback):
         print(f"[{self.done}/{self.total}] {trial.trial_id}: error (see {trial.local_path})", flush=True)
 
 
+class _LiveProgress(_Progress):
+    """The whole study on a terminal: a tqdm bar over trials (done / running / queued / failed in its postfix)
+    and one status line per running trial (its iteration of the total and latest metric), with an ETA from the
+    measured step times (``time/step_s`` of the running trials, else tqdm's rate over finished trials). Not a
+    terminal (CI logs, nohup): :class:`_Progress`'s one line per event."""
+
+    def __init__(self, total: int, labels: dict[str, str], metric: str, iterations: dict[str, int],
+                 concurrent: int, file=None):
+        super().__init__(total, labels, metric)
+        from tqdm import tqdm
+
+        self.file = file or sys.stdout
+        self.iterations, self.concurrent, self.failed = iterations, max(1, concurrent), 0
+        self.running: dict[str, dict] = {}
+        # a terminal that reports 0 columns (a bare pty) would get an empty bar from tqdm: fall back to 100
+        self.ncols = shutil.get_terminal_size((100, 24)).columns or 100
+        self.bar = tqdm(total=total, desc="trials", unit="trial", file=self.file, ncols=self.ncols, position=0)
+        self.lines: dict[str, Any] = {}
+
+    def _line(self, tid: str):
+        from tqdm import tqdm
+
+        if tid not in self.lines:
+            self.lines[tid] = tqdm(total=0, bar_format="{desc}", file=self.file, position=len(self.lines) + 1,
+                                   leave=False, ncols=self.ncols)
+        return self.lines[tid]
+
+    def _refresh(self) -> None:
+        queued = max(0, self.total - self.done - len(self.running))
+        self.bar.set_postfix_str(f"done {self.done - self.failed}, running {len(self.running)}, queued {queued}, "
+                                 f"failed {self.failed}{self._eta()}")
+
+    def _eta(self) -> str:
+        steps = [r["step_s"] for r in self.running.values() if r.get("step_s")]
+        if not steps:
+            return ""
+        per_trial = sum(steps) / len(steps) * (sum(self.iterations.values()) / max(1, len(self.iterations)))
+        left_running = sum(max(0, r["total"] - r["it"]) * (r.get("step_s") or 0) for r in self.running.values())
+        queued = max(0, self.total - self.done - len(self.running))
+        eta = (left_running + queued * per_trial) / self.concurrent
+        return f", ETA {time.strftime('%H:%M:%S', time.gmtime(eta))} (step times)"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running[trial.trial_id] = {"it": 0, "total": self._total_of(trial), "step_s": None}
+        self._refresh()
+
+    def _total_of(self, trial) -> int:
+        spec = trial.config.get("sslray")
+        tid = getattr(spec, "trial_id", None) or ""
+        return self.iterations.get(tid) or self.iterations.get("", 0)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "sslray_status" in result or self.metric not in result:
+            return
+        r = self.running.setdefault(trial.trial_id, {"it": 0, "total": self._total_of(trial), "step_s": None})
+        r.update(it=int(result.get("iteration", r["it"])), step_s=result.get("time/step_s") or r["step_s"])
+        label = self.labels.get(getattr(trial.config.get("sslray"), "trial_id", None) or "", trial.trial_id)
+        self._line(trial.trial_id).set_description_str(
+            f"  {label}: iteration {r['it']}/{r['total']}  {self.metric} {result[self.metric]:.2f}")
+        self._refresh()
+
+    def _end(self, trial, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        self.running.pop(trial.trial_id, None)
+        line = self.lines.pop(trial.trial_id, None)
+        if line is not None:
+            line.close()
+        self.bar.update(1)
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, (trial.last_result or {}).get("sslray_status") != "ok")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, True)
+
+    def on_experiment_end(self, trials, **info):
+        for line in self.lines.values():
+            line.close()
+        self.bar.close()
+
+
+def show_ray_notices() -> None:
+    """``sslray run --verbose``: let Ray's start-up notices (token auth) through again."""
+    for name in _RAY_NOTICES:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def progress_callback(total: int, labels: dict[str, str], metric: str, iterations: dict[str, int],
+                      concurrent: int, file=None) -> ray.tune.Callback:
+    """:class:`_LiveProgress` when ``file`` (default stdout) is a terminal, else :class:`_Progress`."""
+    file = file or sys.stdout
+    if getattr(file, "isatty", lambda: False)():
+        return _LiveProgress(total, labels, metric, iterations, concurrent, file)
+    return _Progress(total, labels, metric)
+
+
 def _label(p: PlannedTrial) -> str:
     parts = [f"{k}={v}" for k, v in p.point.items() if k != "seed"]
     return " ".join(parts + [f"seed={p.seed}"])
@@ -396,27 +553,35 @@ def run_study(study: Study, address: str | None = None, storage: str | None = No
     check_fits(study, cluster, study.path)
     if not layout.remote:
         layout.root.mkdir(parents=True, exist_ok=True)
-    n = study.search.num_samples if search else len(todo)
+    storage_db, completed, existing = optuna_storage(study, layout) if search else (None, 0, 0)
+    n = study.search.num_samples - completed if search else len(todo)
+    if search and n <= 0:
+        if verbose:
+            print(f"sslray run: all {study.search.num_samples} configurations of {study.name} are in "
+                  f"{layout.optuna_db}")
+        return RunSummary(completed, completed, 0, 0, 0, time.time() - t0)
     concurrent = max_concurrent(study, cluster, n)
     spec = TrialSpec(study=study.name, storage=layout.uri, resources=study.resources,
                      max_failures=max_failures, plugins=tuple(plugins), source=os.path.abspath(study.path),
                      tracking=tracking.settings_for(study, layout.uri))
     if search:
-        param_space, tune_cfg = _search_setup(study, spec, concurrent)
+        param_space, tune_cfg = _search_setup(study, spec, concurrent, storage_db, completed, existing)
     else:
         param_space = {"sslray": ray.tune.grid_search([_grid_spec(spec, p) for p in todo])}
         tune_cfg = ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True)
     if verbose:
         res = study.resources
-        what = f"{n} search samples" if search else f"{len(todo)} trials ({len(skipped)} already stored)"
+        what = (f"{n} search samples ({completed} done before, {len(study.seeds)} seed(s) each)" if search
+                else f"{len(todo)} trials ({len(skipped)} already stored)")
         print(f"sslray run: {study.name}: {what}, {concurrent} at a time, {res.workers} worker(s) x "
               f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each -> {layout.root}", flush=True)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trial_driver, trial_resources(study)), param_space=param_space, tune_config=tune_cfg,
+        ray.tune.with_resources(_driver_of(study), trial_resources(study)), param_space=param_space,
+        tune_config=tune_cfg,
         run_config=ray.tune.RunConfig(
             name=f"{study.name}-tune", **_ray_storage(layout, "ray_tune"), verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_Progress(n, {p.trial_id: _label(p) for p in todo}, study.report.metric)] if verbose else []))
+            callbacks=[_progress_of(study, todo, n, concurrent)] if verbose else []))
     grid = tuner.fit()
     _store_unreturned(grid, layout)
     tracking.log_study(study, layout.uri, spec.tracking)  # no-op when tracking is disabled
@@ -429,6 +594,21 @@ def _ray_storage(layout: StudyStorage, rel: str) -> dict:
     if not layout.remote:
         return {"storage_path": str(layout.root / rel)}
     return {"storage_path": layout.key(rel), "storage_filesystem": layout.fs}
+
+
+def _progress_of(study: Study, todo: list[PlannedTrial], n: int, concurrent: int) -> ray.tune.Callback:
+    iterations = {p.trial_id: p.config.train.iterations for p in todo} or {"": study.base.train.iterations}
+    metric = study.search.metric if study.search else study.report.metric
+    return progress_callback(n, {p.trial_id: _label(p) for p in todo}, metric, iterations, concurrent)
+
+
+def _driver_of(study: Study):
+    """The Tune trial function: a grid trial or a search trial with a scheduler (one seed: ASHA sees its curve)
+    runs :func:`trial_driver`; a search without a scheduler runs :func:`search_driver` (every seed of each
+    configuration, the mean told to Optuna)."""
+    if study.search is not None and study.search.scheduler is None:
+        return search_driver
+    return trial_driver
 
 
 def _grid_spec(spec: TrialSpec, p: PlannedTrial) -> TrialSpec:
@@ -475,19 +655,51 @@ def _store_unreturned(grid, layout: StudyStorage) -> None:
             _finish(spec, cfg, cell, outcome, time.time())
 
 
-def _search_setup(study: Study, spec: TrialSpec, concurrent: int):
+def optuna_storage(study: Study, layout: StudyStorage):
+    """(RDBStorage, completed configurations, trials of any state) of the study's Optuna study in ``<storage>/optuna.db``, made ready to
+    continue: trials left RUNNING by a killed driver are marked FAIL and their parameters enqueued, so the same
+    configurations run again (their seeds resume from checkpoints or come from the store) instead of new ones
+    being sampled in their place. Completed trials stay in the study, so the sampler knows them."""
+    import optuna
+    from optuna.trial import TrialState
+
+    layout.optuna_db.parent.mkdir(parents=True, exist_ok=True)  # a remote store's lies in the driver's scratch
+    storage = optuna.storages.RDBStorage(layout.optuna_url())
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        ostudy = optuna.create_study(storage=storage, study_name=study.name, load_if_exists=True,
+                                     direction="maximize" if study.search.mode == "max" else "minimize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    waiting = [t.params for t in ostudy.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if t.params not in waiting:  # not skip_if_exists: that also matches the trial just marked FAIL
+            ostudy.enqueue_trial(t.params, user_attrs={"sslray_requeued_from": t.number})
+            waiting.append(t.params)
+    return storage, len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), len(ostudy.trials)
+
+
+def _search_setup(study: Study, spec: TrialSpec, concurrent: int, storage=None, completed: int = 0,
+                  existing: int = 0):
+    """(param space, TuneConfig) of a search. Continuing a stored Optuna study (``existing`` trials), the sampler's
+    seed is ``search.seed + existing``: with the same seed a fresh sampler would draw the first run's values
+    again, so resuming would repeat configurations (the grid and brute-force samplers read the study instead)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     s = study.search
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=s.seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
-                "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
-                "bruteforce": lambda: optuna.samplers.BruteForceSampler(seed=s.seed),
+    seed = s.seed + existing
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+                "bruteforce": lambda: optuna.samplers.BruteForceSampler(seed=seed),
                 "grid": lambda: optuna.samplers.GridSampler(
-                    {f"params/{k}": list(d.choices) for k, d in s.space.items()}, seed=s.seed)}
+                    {f"params/{k}": list(d.choices) for k, d in s.space.items()}, seed=seed)}
     space = {"params": {k: _domain(v) for k, v in s.space.items()}}
-    searcher = OptunaSearch(metric=s.metric, mode=s.mode, sampler=samplers[s.sampler]())
+    searcher = OptunaSearch(metric=s.metric, mode=s.mode, sampler=samplers[s.sampler](), storage=storage,
+                            study_name=study.name if storage is not None else None)
     scheduler = None
     if s.scheduler:
         from ray.tune.schedulers import ASHAScheduler
@@ -497,8 +709,9 @@ def _search_setup(study: Study, spec: TrialSpec, concurrent: int):
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode,
                                   stop_last_trials=False, **sch)
     # the base dict travels with every trial: no node reads the study file
-    param_space = {**space, "sslray": dataclasses.replace(spec, base=study.base_dict, seed=study.seeds[0])}
-    cfg = ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+    param_space = {**space, "sslray": dataclasses.replace(spec, base=study.base_dict, seed=study.seeds[0],
+                                                          seeds=tuple(study.seeds))}
+    cfg = ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples - completed,
                               max_concurrent_trials=concurrent, reuse_actors=True)
     return param_space, cfg
 
@@ -522,4 +735,5 @@ def shutdown() -> None:
 
 
 __all__ = ["run_study", "plan", "TrialSpec", "max_concurrent", "trial_resources", "check_fits", "shutdown", "RunSummary",
-           "trial_driver", "train_fn_per_worker", "ClusterTooSmall"]
+           "trial_driver", "train_fn_per_worker", "ClusterTooSmall", "search_driver", "seed_means", "optuna_storage",
+           "progress_callback", "show_ray_notices"]

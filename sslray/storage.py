@@ -12,6 +12,7 @@ Layout under a study's storage root (``storage:`` in the study file, or ``--stor
     <root>/plots/                          ``sslray plot``'s default output
     <root>/snapshots/results/<id>.parquet  compacted copies of many result rows (a cache; see sslray.results)
     <root>/snapshots/history/<id>.parquet  the same for history rows
+    <root>/optuna.db                       a search study's Optuna study (SQLite; ``optuna-dashboard`` opens it)
 
 Every other module asks :class:`StudyStorage` for these paths, so the layout is spelled out here only. The root
 is a local path, ``file://``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``: every object of the store is read
@@ -327,6 +328,19 @@ class StudyStorage:
     def snapshot_dir(kind: str) -> str:
         """``snapshots/results`` or ``snapshots/history``: compacted copies of many rows (see sslray.results)."""
         return f"{SNAPSHOTS}/{kind}"
+
+    @property
+    def optuna_db(self) -> Path:
+        """A search study's Optuna study (SQLite, through ``optuna.storages.RDBStorage``). A *local* path on
+        purpose: SQLite needs a file system with working locks, so a remote (object-store) root keeps this file
+        on local disk or NFS: on an object store it lies in this driver's scratch directory (:meth:`local_dir`), so
+        such a search resumes from the same driver machine; see :meth:`optuna_url`."""
+        return self.local_dir("optuna") / "optuna.db" if self.remote else self.root / "optuna.db"
+
+    def optuna_url(self) -> str:
+        """The SQLAlchemy URL of :attr:`optuna_db` (``sqlite:////abs/path/optuna.db``), what
+        ``optuna.storages.RDBStorage`` and ``optuna-dashboard`` take."""
+        return f"sqlite:///{self.optuna_db.resolve()}"
 
     def result_file(self, trial_id: str) -> Path:
         return self._path(self.result_key(trial_id))

@@ -40,11 +40,14 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
-from sslray.config import (MAX_YAML_BYTES, ConfigError, MethodConfig, Range, TrialConfig, apply_overrides,
+from sslray.config import (MAX_YAML_BYTES, ConfigError, MethodConfig, Range, TrainConfig, TrialConfig, apply_overrides,
                            build_section, flatten, get_dotted, load_yaml, set_dotted)
+from sslray.epochs import EPOCH_KEYS, check_epoch_keys, epoch_iterations, pop_epoch_keys
 from sslray.stats import TESTS
 
-STUDY_KEYS = ("name", "base", "grid", "ablation", "seeds", "search", "resources", "report", "storage", "tracking")
+STUDY_KEYS = ("name", "base", "grid", "ablation", "seeds", "search", "resources", "report", "storage", "tracking",
+              "max_trials")
+DEFAULT_MAX_TRIALS = 5000  # a plan above this is refused before it is expanded (study key max_trials raises it)
 WANDB_MODES = ("offline", "online", "disabled")
 MAX_FILE_BYTES = MAX_YAML_BYTES  # load_yaml refuses bigger files before reading, and alias bombs after
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -253,6 +256,10 @@ class Study:
     storage: str
     base_dict: dict = dataclasses.field(repr=False, compare=False)
     tracking: TrackingSpec = TrackingSpec()
+    paired: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    max_trials: int = DEFAULT_MAX_TRIALS
+    # the planned trials (unique=False), filled on first use; not copied by dataclasses.replace
+    _planned: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def trials(self, unique: bool = True) -> list[PlannedTrial]:
         """Every trial of a grid / ablation study; ``[]`` for a search study (its searcher proposes the trials, see
@@ -265,15 +272,28 @@ class Study:
         """
         if self.search is not None:
             return []
+        if self._planned is None:
+            object.__setattr__(self, "_planned", tuple(self._plan(cell, seed) for seed in self.seeds
+                                                       for cell in self._cells()))
+        if not unique:
+            return list(self._planned)
         out, seen = [], set()
-        for seed in self.seeds:
-            for cell in self._cells():
-                t = self._plan(cell, seed)
-                if unique and t.trial_id in seen:
-                    continue
+        for t in self._planned:
+            if t.trial_id not in seen:
                 seen.add(t.trial_id)
                 out.append(t)
         return out
+
+    def plan_size(self) -> int:
+        """How many trials :meth:`trials` (``unique=False``) plans, computed from the axis sizes without expanding."""
+        return plan_size(self.axis_sizes())
+
+    def axis_sizes(self) -> dict[str, int]:
+        """Every multiplying axis of the plan and its size: ``seeds``, ``grid.<key>``, ``ablation`` (1 + variants)."""
+        sizes = {"seeds": len(self.seeds), **{f"grid.{k}": len(v) for k, v in self.grid.items()}}
+        if self.ablation is not None:
+            sizes["ablation"] = 1 + len(self.ablation.variants)
+        return sizes if self.search is None else {}
 
     def search_space(self) -> dict:
         """The validated search space as written (dotted key -> ``{distribution: args}``); ``{}`` without a search.
@@ -286,13 +306,20 @@ class Study:
         sample runs with (once, or once per seed) is the caller's choice. See :func:`trial_from_params`."""
         return trial_from_params(self.base_dict, params, seed, self.name, self.path)
 
-    def _cells(self) -> list[tuple[dict[str, Any], str | None, dict[str, Any]]]:
-        """(grid point, variant label, dotted overrides) for every cell, in plan order."""
-        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
-        if self.ablation is None:
-            return [(p, None, dict(p)) for p in points]
-        variants = {self.ablation.baseline: {}, **self.ablation.variants}
-        return [(p, label, {**p, **over}) for p in points for label, over in variants.items()]
+    def _cells(self) -> typing.Iterator[tuple[dict[str, Any], str | None, dict[str, Any]]]:
+        """(grid point, variant label, dotted overrides) for every cell, in plan order (lazily). A paired axis
+        contributes its value to the point and its entry's other keys to the overrides; a variant's overrides
+        apply last."""
+        keys = list(self.grid)
+        variants = {self.ablation.baseline: {}, **self.ablation.variants} if self.ablation else {None: {}}
+        for index in itertools.product(*(range(len(v)) for v in self.grid.values())):
+            point = {k: self.grid[k][i] for k, i in zip(keys, index)}
+            sets = dict(point)
+            for k, i in zip(keys, index):
+                if k in self.paired:
+                    sets.update(self.paired[k][i])
+            for label, over in variants.items():
+                yield point, label, {**sets, **over}
 
     def _plan(self, cell: tuple[dict[str, Any], str | None, dict[str, Any]], seed: int) -> PlannedTrial:
         point, variant, sets = cell
@@ -300,7 +327,7 @@ class Study:
         cfg = _build(self.base_dict, {**sets, "seed": seed}, self.path,
                      f"ablation.variants.{variant}" if in_variant else "grid")
         resolved = cfg.to_dict()
-        point = {k: get_dotted(resolved, k) for k in point}
+        point = {k: point[k] if k in EPOCH_KEYS else get_dotted(resolved, k) for k in point}
         if variant is not None:
             point[VARIANT] = variant
         label = "-".join([cell_label(v) for v in point.values()] + [f"s{seed}"])
@@ -308,7 +335,13 @@ class Study:
         if len(label) > 64:  # names become paths; a long grid point is better named by its id
             label = f"{cfg.short_id()}-s{seed}"
         cfg = dataclasses.replace(cfg, name=f"{self.name}-{label}")
-        return PlannedTrial(cfg, cfg.trial_id(), variant, point, seed)
+        resolved["name"] = cfg.name
+        return PlannedTrial(cfg, cfg.trial_id(resolved), variant, point, seed)
+
+
+def plan_size(sizes: Mapping[str, int]) -> int:
+    """The product of the axis sizes (``Study.axis_sizes()``): the number of trials, before anything is expanded."""
+    return math.prod(sizes.values()) if sizes else 0
 
 
 def trial_from_params(base_dict: Mapping, params: Mapping[str, Any], seed: int, study_name: str,
@@ -327,6 +360,10 @@ def cell_label(value: Any) -> str:
         value = value.item()  # numpy scalars from a DataFrame
     if isinstance(value, str):
         return value
+    if isinstance(value, bool):  # json.dumps's spelling of scalars, without its cost (planning labels every cell)
+        return "true" if value else "false"
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return repr(value)
     if isinstance(value, tuple):
         value = list(value)
     return json.dumps(value)
@@ -344,11 +381,16 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
         if key not in STUDY_KEYS:
             raise ConfigError(path, str(key), f"unknown key (expected one of: {', '.join(STUDY_KEYS)})")
     name = _name(raw, path)
+    max_trials = _max_trials(raw, path)  # before anything is built: an oversized plan is refused at once
     base_dict, base = _base(raw.get("base"), path, overrides)
-    grid = _grid(raw.get("grid"), path, base_dict, overrides)
-    ablation = _ablation(raw.get("ablation"), path, base_dict, grid)
+    grid, paired = _grid(raw.get("grid"), path, base_dict, overrides)
+    ablation = _ablation(raw.get("ablation"), path, base_dict, grid, paired)
     seeds = _seeds(raw.get("seeds", [0]), path)
     search = _search(raw.get("search"), path, base, base_dict)
+    if search is not None and search.scheduler is not None and len(seeds) > 1:
+        raise ConfigError(path, "search.scheduler", f"ASHA with {len(seeds)} seeds per configuration is not "
+                                                    "supported yet (it would compare one seed's curve, not the mean); "
+                                                    "use one seed or no scheduler")
     if search is not None:
         for other in ("grid", "ablation"):
             if other in raw:
@@ -357,10 +399,34 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
     study = Study(name=name, path=path, base=base, grid=grid, ablation=ablation, seeds=seeds, search=search,
                   resources=_resources(raw.get("resources"), path),
                   report=ReportSpec(), storage=_storage(raw.get("storage"), name, path), base_dict=base_dict,
-                  tracking=_tracking(raw.get("tracking"), path))
+                  tracking=_tracking(raw.get("tracking"), path), paired=paired, max_trials=max_trials)
     planned = study.trials(unique=False)  # builds every cell once: combinations fail here, not on the cluster
     report = _report(raw.get("report"), path, grid, ablation, planned)
-    return dataclasses.replace(study, report=report)
+    out = dataclasses.replace(study, report=report)
+    object.__setattr__(out, "_planned", study._planned)  # the same plan: not built twice
+    return out
+
+
+def _max_trials(raw: dict, path: str) -> int:
+    """The study's trial limit, checked against the plan's size from the lengths of the written lists alone (no
+    config is built and nothing is expanded, so a plan of 10^12 trials is refused in microseconds)."""
+    limit = raw.get("max_trials", DEFAULT_MAX_TRIALS)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(path, "max_trials", f"expected an integer >= 1, got {limit!r}")
+    sizes = {}
+    seeds, grid, ablation = raw.get("seeds", [0]), raw.get("grid"), raw.get("ablation")
+    if isinstance(seeds, list):
+        sizes["seeds"] = len(seeds)
+    if isinstance(grid, dict):
+        sizes.update({f"grid.{k}": len(v) for k, v in grid.items() if isinstance(v, list)})
+    if isinstance(ablation, dict) and isinstance(ablation.get("variants"), dict):
+        sizes["ablation"] = 1 + len(ablation["variants"])
+    n = plan_size(sizes)
+    if raw.get("search") is None and n > limit:
+        what = " x ".join(f"{k} {v:,}" for k, v in sizes.items())
+        raise ConfigError(path, "max_trials", f"the plan has {n:,} trials ({what}), more than max_trials = "
+                                              f"{limit:,}; shrink an axis or raise max_trials in the study")
+    return limit
 
 
 def _read(path: str) -> dict:
@@ -395,7 +461,7 @@ def _base(section: Any, path: str, overrides: Sequence[str]) -> tuple[dict, Tria
         return section, base
     source = f"{path} (--set)"
     try:
-        with_set = apply_overrides(section, list(overrides), source)
+        with_set = apply_overrides(_schedule_replaced(section, _set_keys(overrides)), list(overrides), source)
     except ConfigError as e:
         raise ConfigError(source, e.key, e.message) from None
     for key in flatten(apply_overrides({}, list(overrides), source)):
@@ -408,19 +474,52 @@ def _base(section: Any, path: str, overrides: Sequence[str]) -> tuple[dict, Tria
         raise ConfigError(source, e.key, e.message) from None
 
 
+def _set_keys(overrides: Sequence[str]) -> set[str]:
+    return {o.split("=", 1)[0].strip() for o in overrides}
+
+
+def _schedule_replaced(d: Mapping, keys: typing.Collection[str]) -> dict:
+    """A copy of the nested config ``d`` ready to take the dotted ``keys``: setting ``train.epochs`` (or another
+    epoch key) there removes a ``train.iterations`` written before, and setting ``train.iterations`` removes the
+    epoch keys, so a later place (a cell, ``--set``) may say the length either way. Both in ``keys``: an error."""
+    epoch_set = any(k in EPOCH_KEYS for k in keys)
+    if epoch_set and "train.iterations" in keys:
+        raise ConfigError(None, "train.epochs", _EXCLUSIVE)
+    d = _copy_tree(d)
+    train = d.get("train")
+    if isinstance(train, dict) and (epoch_set or "train.iterations" in keys):
+        drop = ("iterations",) if epoch_set else tuple(k.split(".")[1] for k in EPOCH_KEYS)
+        d["train"] = {k: v for k, v in train.items() if k not in drop}
+    return d
+
+
+def _copy_tree(v: Any) -> Any:
+    """A copy of YAML data (dicts and lists copied, other values shared: they are immutable scalars here);
+    ``copy.deepcopy`` costs several times more and planning copies the base once per trial."""
+    if isinstance(v, dict):
+        return {k: _copy_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_copy_tree(x) for x in v]
+    return copy.deepcopy(v) if not isinstance(v, (str, int, float, bool, type(None), tuple)) else v
+
+
+_EXCLUSIVE = "train.epochs and train.iterations are exclusive (the epochs set the iterations); write one"
 _RESERVED = {"name": "set by the study (<study>-<cell label>); remove it",
              "seed": "set seeds with the top-level 'seeds' list"}
 
 
-def _grid(section: Any, path: str, base_dict: dict, overrides: Sequence[str]) -> dict[str, list]:
+def _grid(section: Any, path: str, base_dict: dict,
+          overrides: Sequence[str]) -> tuple[dict[str, list], dict[str, list[dict[str, Any]]]]:
+    """(axis -> values, paired axis -> each value's other settings). An axis whose entries are all mappings that
+    set the axis key itself is paired: ``data.partition: [{data.partition: "92", train.epochs: 80}, ...]``."""
     if section is None:
-        return {}
+        return {}, {}
     if not isinstance(section, dict):
         raise ConfigError(path, "grid", f"expected a mapping of dotted key -> list of values, got {section!r}")
     if not section:  # written but empty: the axes were forgotten, and the study would silently run the base alone
         raise ConfigError(path, "grid", "is empty; list at least one axis (dotted key: [values]) or remove it")
-    set_keys = {o.split("=", 1)[0].strip() for o in overrides}
-    grid = {}
+    set_keys = _set_keys(overrides)
+    grid, paired = {}, {}
     for key, values in section.items():
         key = str(key)
         where = f"grid.{key}"
@@ -431,15 +530,75 @@ def _grid(section: Any, path: str, base_dict: dict, overrides: Sequence[str]) ->
             raise ConfigError(path, where, f"expected a non-empty list of values, got {values!r}")
         if key in set_keys:
             raise ConfigError(f"{path} (--set)", key, "is a grid axis of this study; the grid sets it")
+        if _is_paired(key, values):
+            values, paired[key] = _paired_axis(key, values, path, base_dict, set_keys)
         for i, v in enumerate(values):
             if v in values[:i]:
                 raise ConfigError(path, where, f"lists {v!r} twice")
-            _build(base_dict, {key: v}, path, "grid")
+            if key not in paired:
+                _build(base_dict, {key: v}, path, "grid")
         grid[key] = list(values)
-    return grid
+    _check_paired_overlap(grid, paired, path)
+    return grid, paired
 
 
-def _ablation(section: Any, path: str, base_dict: dict, grid: dict) -> Ablation | None:
+def _is_paired(key: str, values: list) -> bool:
+    """A value axis (not a section, whose values are mappings of its fields) with at least one mapping entry."""
+    return not _is_section(field_type(key)) and any(isinstance(v, dict) for v in values)
+
+
+def _paired_axis(key: str, entries: list, path: str, base_dict: dict,
+                 set_keys: set[str]) -> tuple[list, list[dict[str, Any]]]:
+    """The axis values and, per value, the entry's other dotted keys (validated by building each entry's cell).
+    Keys that ``--set`` overrides are dropped from the entries (the command line wins), and so is the other way
+    of saying the schedule length (``--set train.iterations`` over an entry's ``train.epochs``)."""
+    values, extras = [], []
+    replaced = set(set_keys)
+    if any(k in EPOCH_KEYS for k in set_keys):
+        replaced |= {"train.iterations"}
+    if "train.iterations" in set_keys:
+        replaced |= set(EPOCH_KEYS)
+    for i, entry in enumerate(entries):
+        where = f"grid.{key}[{i}]"
+        if not isinstance(entry, dict):  # a plain value among paired entries: no other settings
+            entry = {key: entry}
+        flat = flatten(entry)
+        if key not in flat:
+            raise ConfigError(path, where, f"a paired entry sets the axis key itself, e.g. {{{key}: <value>, "
+                                           f"<other key>: <value>}}; got {entry!r}")
+        value = flat.pop(key)
+        for k in flat:
+            if k.split(".")[0] in _RESERVED:
+                raise ConfigError(path, f"{where}.{k}", _RESERVED[k.split(".")[0]])
+            _check_key(k, path, where)
+        extra = {k: v for k, v in flat.items() if k not in replaced}
+        _build(base_dict, {key: value, **extra}, path, where)
+        values.append(value)
+        extras.append(extra)
+    return values, extras
+
+
+def _check_paired_overlap(grid: dict[str, list], paired: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """A paired entry may not set another axis, nor a key another paired axis sets: one cell, one value."""
+    owner: dict[str, str] = {}
+    for axis, extras in paired.items():
+        for i, extra in enumerate(extras):
+            for k in extra:
+                clash = next((g for g in grid if g != axis and _overlaps(k, g)), None)
+                if clash is None:
+                    clash = next((a for o, a in owner.items() if a != axis and _overlaps(k, o)), None)
+                if clash is not None:
+                    raise ConfigError(path, f"grid.{axis}[{i}].{k}", f"is also set by the grid axis {clash}; "
+                                                                     "one key, one axis")
+                owner.setdefault(k, axis)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _ablation(section: Any, path: str, base_dict: dict, grid: dict,
+              paired: dict | None = None) -> Ablation | None:
     if section is None:
         return None
     if not isinstance(section, dict):
@@ -786,6 +945,8 @@ def field_type(key: str) -> Any:
     """
     from sslray.methods import TERMS  # late: the registry imports torch
 
+    if key in EPOCH_KEYS:  # study-file keys resolved into train.iterations (sslray.epochs)
+        return EPOCH_KEYS[key]
     parts, t, i = key.split("."), TrialConfig, 0
     while i < len(parts):
         where = ".".join(parts[:i])
@@ -820,15 +981,31 @@ def _build(base_dict: Mapping, sets: Mapping[str, Any], path: str, prefix: str,
     that breaks another key) at the first set key, naming both. With ``relocate_all`` every error goes to
     ``<prefix>.<key>`` (validating the base itself), or to ``prefix`` when ``sets`` is a single key.
     """
-    d = copy.deepcopy(dict(base_dict))
     try:
+        d = _schedule_replaced(base_dict, sets)
         for k, v in sets.items():
             set_dotted(d, k, v)
+        epochs = pop_epoch_keys(d)
+        if epochs and "iterations" in d.get("train", {}):
+            raise ConfigError(None, "train.epochs", _EXCLUSIVE)
+        check_epoch_keys(epochs)
         cfg = TrialConfig.from_dict(d, source=path)
+        if epochs:
+            cfg = _with_epochs(cfg, d, epochs, path)
         _check_semantics(cfg)
         return cfg
     except ConfigError as e:
         raise _relocate(e, sets, path, prefix, relocate_all) from None
+
+
+def _with_epochs(cfg: TrialConfig, d: dict, epochs: Mapping[str, Any], path: str) -> TrialConfig:
+    """``cfg`` with ``train.iterations`` = epochs x one epoch's iterations, and ``train.eval_every`` one epoch
+    unless written (``sslray.epochs``)."""
+    per_epoch = epoch_iterations(cfg, epochs.get("epoch_over", "auto"), epochs.get("epoch_gpus", 1))
+    train = dict(d.get("train") or {})
+    train["iterations"] = epochs["epochs"] * per_epoch
+    train.setdefault("eval_every", per_epoch)
+    return dataclasses.replace(cfg, train=build_section(TrainConfig, train, "train", path))
 
 
 def _relocate(e: ConfigError, sets: Mapping[str, Any], path: str, prefix: str, relocate_all: bool) -> ConfigError:

@@ -130,11 +130,15 @@ def test_paper_studies_follow_unimatch(study, dataset, epochs, crop):
     methods = {"supervised", "fixmatch", "unimatch", "ipixmatch", "guidedmix", "pcr", "mllc"}
     assert {t.config.method.name for t in trials} == methods
     assert {t.seed for t in trials} == {0, 1, 2}
-    assert len(trials) == len(methods) * 3 * (1 + len(s.ablation.variants))
+    # partitions are a paired grid axis (each with its schedule), not ablation variants
+    assert s.ablation is None and "data.partition" in s.paired
+    assert len(trials) == len(methods) * 3 * len(s.grid["data.partition"])
+    assert [t.point["data.partition"] for t in trials[:len(s.grid["data.partition"])]] == s.grid["data.partition"]
     for t in trials:
         c = t.config
         n_unl = DOCUMENTED[f"{dataset}/{c.data.partition}"][1]
         assert c.train.iterations == epochs * _epoch(n_unl), (c.data.partition, c.train.iterations)
+        assert c.train.eval_every == _epoch(n_unl) * (4 if dataset == "cityscapes" else 1)
         assert c.data.crop_size == (513 if c.data.partition.startswith("u2pl") else crop)
         assert (c.data.batch_size_x, c.data.batch_size_u) == (8, 8)
         assert (c.model.name, c.model.backbone, c.model.output_stride) == ("deeplabv3plus", "resnet101", 16)
@@ -143,9 +147,14 @@ def test_paper_studies_follow_unimatch(study, dataset, epochs, crop):
         if dataset == "cityscapes":
             assert c.data.eval_mode == "sliding_window" and c.method.conf_thresh == 0.0
             # UniMatch: OHEM(0.7, min_kept 200,000) on each of 4 GPUs with 2 images; here one batch of 8
-            assert c.method.terms["x"].criterion == "ohem" and c.method.terms["x"].ohem_min_kept == 4 * 200000
+            pcr = c.method.name == "pcr"  # PCR's Cityscapes config: 100,000 per GPU of 2 images, M = 3, 0.65
+            assert c.method.terms["x"].criterion == "ohem"
+            assert c.method.terms["x"].ohem_min_kept == (4 * 100000 if pcr else 4 * 200000)
+            if pcr:
+                assert c.method.terms["pcr_x"].num_protos == c.method.terms["pcr_u"].num_protos == 3
+                assert c.method.terms["pcr_u"].confid_thresh == 0.65
         else:
             assert c.data.eval_mode is None and c.method.conf_thresh == 0.95
-    assert (s.report.rows, s.report.cols, s.report.agg) == ("method.name", "variant", "best")
+    assert (s.report.rows, s.report.cols, s.report.agg) == ("method.name", "data.partition", "best")
     text = open(PAPER[study]).read()
     assert text.startswith(f"# sslray run studies/{study}.yaml") and "# The four founding methods run standalone" in text

@@ -164,7 +164,7 @@ def test_search_study(tmp_path):
 BAD = [
     (HEAD + "bogus: 1\n",
      "bogus: unknown key (expected one of: name, base, grid, ablation, seeds, search, resources, report, storage, "
-     "tracking)"),
+     "tracking, max_trials)"),
     ("base: {}\n", "name: required: the study name ([A-Za-z0-9_.-]+, used in paths)"),
     ("name: a b\n", "name: expected [A-Za-z0-9_.-]+ not starting with '.' (used in paths), got 'a b'"),
     ("name: ..\n", "name: expected [A-Za-z0-9_.-]+ not starting with '.' (used in paths), got '..'"),

@@ -231,6 +231,8 @@ def search_listings(study: "Study", df: "pd.DataFrame", top: int = 10) -> list[L
     recs.sort(key=lambda x: (text_of(x.get(order)), str(x["trial_id"])))
     scored = [x for x in recs if not is_missing(x.get(metric))]
     sign = -1.0 if s.mode == "max" else 1.0
+    if len(study.seeds) > 1:
+        return [_best_seeded(study, recs, top), _importances(study, recs), _history(recs, metric, sign)]
     ranked = sorted(scored, key=lambda x: sign * float(x[metric]))[:top]
     best_rows = [[str(i + 1), str(x["trial_id"])[:12], str(x["status"]),
                   *(_param(x.get(f"cfg.{p}")) for p in params), f"{float(x[metric]):.2f}",
@@ -247,6 +249,42 @@ def search_listings(study: "Study", df: "pd.DataFrame", top: int = 10) -> list[L
                              "" if best_so_far is None else f"{best_so_far:.2f}"])
     history = Listing(["#", "trial", "status", metric, "best so far"], history_rows, "History")
     return [best, _importances(study, recs), history]
+
+
+def _history(recs: list[dict], metric: str, sign: float) -> Listing:
+    rows, best = [], None
+    for i, x in enumerate(recs):
+        v = x.get(metric)
+        if not is_missing(v) and (best is None or sign * float(v) < sign * best):
+            best = float(v)
+        rows.append([str(i + 1), str(x["trial_id"])[:12], str(x["status"]), "" if is_missing(v) else f"{float(v):.2f}",
+                     "" if best is None else f"{best:.2f}"])
+    return Listing(["#", "trial", "status", metric, "best so far"], rows, "History")
+
+
+def _best_seeded(study: "Study", recs: list[dict], top: int) -> Listing:
+    """The best configurations of a search whose every configuration runs each seed: one row per configuration
+    (its parameters), ranked by the mean over seeds, which is the value the searcher was told."""
+    import statistics
+
+    s = study.search
+    params = list(s.space)
+    groups: dict[tuple, list[dict]] = {}
+    for x in recs:
+        groups.setdefault(tuple(_param(x.get(f"cfg.{p}")) for p in params), []).append(x)
+    sign = -1.0 if s.mode == "max" else 1.0
+    scored = []
+    for key, rows in groups.items():
+        values = [float(x[s.metric]) for x in rows if x.get("status") == "ok" and not is_missing(x.get(s.metric))]
+        if values:
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            scored.append((statistics.fmean(values), std, len(values), len(rows), key))
+    scored.sort(key=lambda t: sign * t[0])
+    body = [[str(i + 1), *key, f"{m:.2f} +- {sd:.2f}", f"{n}/{len(study.seeds)}"]
+            for i, (m, sd, n, _, key) in enumerate(scored[:top])]
+    title = (f"Best configs ({s.mode} {s.metric}, mean +- std over {len(study.seeds)} seeds: the mean is what the "
+             f"searcher optimised; {len(scored)} of {len(groups)} configurations scored)")
+    return Listing(["rank", *params, f"{s.metric} (mean +- std)", "seeds"], body, title)
 
 
 def _param(v: Any) -> str:
