@@ -16,12 +16,17 @@ counts are extrapolated linearly from the largest measured one and marked so.
 
     python benchmarks/store.py                                    # 1k and 10k, local and s3
     python benchmarks/store.py --counts 1000 --backends local --before /tmp/sslray-before
+    python benchmarks/store.py --counts 10000 --dir /tmp/st --cli-only --repeat 3   # the commands on a kept store
+
+``--dir`` keeps the studies and local stores in DIR (``store<n>.yaml``, ``local<n>/``); ``--cli-only`` times only
+the commands on stores already there (written by an earlier run with the same ``--dir``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +51,7 @@ def write_study(tmp: Path, n: int, storage: str) -> Path:
     smoke = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
     lrs = [round(0.001 + 1e-6 * i, 7) for i in range(n // 10)]
     d = {"name": f"store{n}", "base": smoke["base"], "grid": {"method.name": ["supervised"], "optim.lr": lrs},
-         "seeds": list(range(10)), "storage": storage, "report": {"rows": "optim.lr", "cols": "method.name"}}
+         "seeds": list(range(10)), "storage": storage, "max_trials": max(n, 5000), "report": {"rows": "optim.lr", "cols": "method.name"}}
     path = tmp / f"store{n}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
@@ -74,12 +79,27 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+REPEAT = 1  # --repeat: each command's time is the median of this many runs
+
+
 def cli_time(args: list[str]) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "sslray", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"sslray {' '.join(args)} failed: {p.stderr.strip()[-500:]}")
-    return round(time.perf_counter() - t0, 3)
+    times = []
+    for _ in range(REPEAT):
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "sslray", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"sslray {' '.join(args)} failed: {p.stderr.strip()[-500:]}")
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times), 3)
+
+
+def cli_times(study: Path, storage: str, plots: Path) -> dict:
+    """The four commands as separate processes (Python start and imports included), median of REPEAT runs."""
+    common = ["--storage", storage]
+    return {"status_s": cli_time(["status", str(study), *common]),
+            "table_s": cli_time(["table", str(study), *common]),
+            "dry_run_s": cli_time(["run", str(study), "--dry-run", *common]),
+            "plot_s": cli_time(["plot", str(study), *common, "--out", str(plots)])}
 
 
 def before_load(before: Path, storage: str) -> float:
@@ -100,11 +120,7 @@ def measure(tmp: Path, n: int, storage: str, args) -> dict:
     t, df = timed(ResultsStore(storage).load)
     out["load_s"], out["rows"] = round(t, 3), len(df)
     out["load_history_s"] = round(timed(ResultsStore(storage).load_history)[0], 3)
-    common = ["--storage", storage]
-    out["status_s"] = cli_time(["status", str(study), *common])
-    out["table_s"] = cli_time(["table", str(study), *common])
-    out["dry_run_s"] = cli_time(["run", str(study), "--dry-run", *common])
-    out["plot_s"] = cli_time(["plot", str(study), *common, "--out", str(tmp / f"plots{n}")])
+    out.update(cli_times(study, storage, tmp / f"plots{n}"))
     if args.before and "://" not in storage:
         if n <= args.before_max:
             out["before_load_s"] = before_load(args.before, storage)
@@ -136,11 +152,28 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="a checkout of the old sslray package (its parent directory)")
     ap.add_argument("--before-max", type=int, default=1000)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--repeat", type=int, default=1, help="median of this many runs of each command")
+    ap.add_argument("--dir", type=Path, help="keep the studies and local stores here (default: a temporary dir)")
+    ap.add_argument("--cli-only", action="store_true", help="time only the commands on the stores in --dir")
     args = ap.parse_args()
+    global REPEAT
+    REPEAT = args.repeat
+    if args.cli_only:
+        if args.dir is None:
+            ap.error("--cli-only needs --dir")
+        runs = [{"backend": "local", "trials": n, "repeat": args.repeat,
+                 **cli_times(args.dir / f"store{n}.yaml", str(args.dir / f"local{n}"), args.dir / f"plots{n}")}
+                for n in args.counts]
+        text = json.dumps({"machine": f"{os.cpu_count()} CPUs (shared)", "runs": runs}, indent=2)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return
     results: dict = {"machine": f"{os.cpu_count()} CPUs (shared)", "runs": []}
     server = s3_server() if "s3" in args.backends else None
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            tmp = str(args.dir) if args.dir else tmp
             for backend in args.backends:
                 for n in args.counts:
                     storage = f"{tmp}/local{n}" if backend == "local" else f"s3://bench/store{n}"

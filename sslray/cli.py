@@ -395,10 +395,10 @@ def _dry_run(study, storage: str, args: argparse.Namespace) -> int:
     else:
         cluster, where = preflight.local_resources(args.num_cpus, study), "this machine"
     preflight.check_fits(study, cluster, study.path)
-    todo, skipped = plan(study, storage, args.retry_failed)
+    stored = ResultsStore(storage).load()  # once: the plan and the forecast read the same rows
+    todo, skipped = plan(study, storage, args.retry_failed, stored)
     n_data = preflight.check_data(todo)
     _print_plan(study, todo, skipped, storage)
-    stored = ResultsStore(storage).load()
     if len(_study_rows(study, stored)) == 0:
         print(f"nothing of this study is stored in {storage} yet: every trial would run")
     n = study.search.num_samples if study.search else len(todo)
@@ -428,10 +428,11 @@ def _forecast(study, stored, n_todo: int, concurrent: int) -> str:
             f"{hours * gpus:.2f} GPU-hours")
 
 
-def _table(study, storage: str, fmt: str, **over) -> str:
+def _table(study, storage: str, fmt: str, stored=None, **over) -> str:
     """The study's report as text (``sslray.report.study_report``): the comparison (or ablation) table, or the
     per-class / pseudo / cost / manifest tables when asked for; a search study's best configs, importances and
-    history. ``over`` holds those flags and the report keys the command line overrides."""
+    history. ``stored``: the store's rows when the caller has loaded them. ``over`` holds those flags and the report
+    keys the command line overrides."""
     from sslray.report import render, study_report
     from sslray.results import ResultsStore
 
@@ -439,7 +440,7 @@ def _table(study, storage: str, fmt: str, **over) -> str:
     flags = {"per_class": "per_class", "pseudo": "pseudo_labels", "cost": "cost", "manifest": "manifest"}
     sections = [name for flag, name in flags.items() if over.pop(flag, None)] or ["comparison"]
     history = store.load_history() if "pseudo_labels" in sections and study.search is None else None
-    report = study_report(study, store.load(), history, sections, **over)
+    report = study_report(study, store.load() if stored is None else stored, history, sections, **over)
     _notes(store)
     return "\n".join(render(s, fmt) for s in report.values())
 
@@ -531,6 +532,7 @@ def _nothing_stored(study, storage: str, df) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from sslray.report.aggregate import row_dicts
     from sslray.results import ResultsStore
     from sslray.storage import StudyStorage
 
@@ -543,7 +545,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if len(df) == 0 and not any(layout.started(p.trial_id) for p in study.trials()):
         print(_nothing_stored(study, storage, stored), file=sys.stderr)
         return EXIT_FAILED
-    rows = {r["trial_id"]: r for r in df.to_dict("records")} if len(df) else {}
+    metric = study.report.metric
+    keep = ["trial_id", "status", "reason", *([metric] if metric in df.columns else [])]
+    rows = {r["trial_id"]: r for r in row_dicts(df[keep])} if len(df) else {}
     counts = {"done": 0, "failed": 0, "started": 0, "missing": 0}
     for p in study.trials():
         cell = " ".join(f"{k}={v}" for k, v in p.point.items()) + f" seed={p.seed}"
@@ -572,11 +576,13 @@ def cmd_table(args: argparse.Namespace) -> int:
     from sslray.results import ResultsStore
 
     study, storage = _load(args)
-    stored = ResultsStore(storage).load()
+    store = ResultsStore(storage)
+    stored = store.load()  # once: the table reads the same rows
+    _notes(store)
     if len(_study_rows(study, stored)) == 0:
         print(_nothing_stored(study, storage, stored), file=sys.stderr)
         return EXIT_FAILED
-    print(_table(study, storage, args.format, metric=args.metric, rows=args.rows, cols=args.cols,
+    print(_table(study, storage, args.format, stored, metric=args.metric, rows=args.rows, cols=args.cols,
                  baseline=args.baseline, agg=args.agg, significance=args.significance, alpha=args.alpha,
                  bootstrap=args.bootstrap, paper=args.paper, per_class=args.per_class, pseudo=args.pseudo,
                  cost=args.cost, manifest=args.manifest))

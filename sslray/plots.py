@@ -165,11 +165,17 @@ def ablation_figure(table: Table, title: str | None = None) -> "Figure":
     return fig
 
 
+CURVES_LEGEND_MAX = 30  # rows of a curves figure with a legend and std bands
+
+
 def curves_figure(history: "pd.DataFrame", members: dict[tuple[str, str], list[str]], rows: list[str],
                   cols: list[str], metric: str = "val/miou", row_key: str = "", col_key: str = "",
                   names: dict[str, str] | None = None) -> "Figure":
     """``metric`` over iterations: one panel per column, one line per row (at each evaluated iteration the mean
-    over the seeds that reached it), +- std band. ``members`` maps (row, col) to trial ids (``cell_members``)."""
+    over the seeds that reached it), +- std band. ``members`` maps (row, col) to trial ids (``cell_members``).
+    Above ``CURVES_LEGEND_MAX`` rows the legend and the bands are left out (and the title says so): a thousand
+    entries name nothing, and drawing them took most of a 10,000-trial ``sslray plot``."""
+    crowded = len(rows) > CURVES_LEGEND_MAX
     fig = _figure(max(4.5, 3.6 * len(cols)), 3.4)
     axes = fig.subplots(1, max(len(cols), 1), sharey=True, squeeze=False)[0]
     by_trial: dict[str, dict[int, float]] = defaultdict(dict)
@@ -187,15 +193,17 @@ def curves_figure(history: "pd.DataFrame", members: dict[tuple[str, str], list[s
             means = [statistics.fmean(v) for v in vals]
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
             (line,) = ax.plot(its, means, label=display(r, names))
-            ax.fill_between(its, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            if not crowded:
+                ax.fill_between(its, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"{display(col_key, names)} = {c}" if col_key else c, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(_ylabel(metric))
-    if any(ax.get_lines() for ax in axes):
+    if any(ax.get_lines() for ax in axes) and not crowded:
         axes[0].legend(title=display(row_key, names) if row_key else None, fontsize=8)
-    fig.suptitle("mean ± std over the seeds that reached each evaluation (band)", fontsize=9)
+    fig.suptitle(f"mean over the seeds of {len(rows)} rows (legend and ± std bands above {CURVES_LEGEND_MAX} rows "
+                 "left out)" if crowded else "mean ± std over the seeds that reached each evaluation (band)", fontsize=9)
     return fig
 
 

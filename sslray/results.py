@@ -599,12 +599,13 @@ def _cell_columns(row: Mapping[str, Any]) -> list[str]:
     return [f"cfg.{k}" for k in cell if k not in ("variant", "seed")]
 
 
-def plan(study: "Study", storage: "str | os.PathLike | StudyStorage",
-         retry_failed: bool = False) -> "tuple[list[PlannedTrial], list[PlannedTrial]]":
+def plan(study: "Study", storage: "str | os.PathLike | StudyStorage", retry_failed: bool = False,
+         stored: "pd.DataFrame | None" = None) -> "tuple[list[PlannedTrial], list[PlannedTrial]]":
     """(to run, skipped) of a grid / ablation study: trials whose id is already stored are skipped (failed ones too,
-    unless ``retry_failed``). Reads only the store: ``sslray run --dry-run`` plans without Ray."""
+    unless ``retry_failed``). Reads only the store (``stored``: its rows, when the caller has loaded them):
+    ``sslray run --dry-run`` plans without Ray."""
     store = ResultsStore(storage)
-    df = store.load()
+    df = store.load() if stored is None else stored
     done = store.ids("ok", df) | (set() if retry_failed else store.ids("failed", df))
     planned = study.trials()
     return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]

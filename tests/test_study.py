@@ -29,6 +29,23 @@ def error_of(path: str, overrides=()) -> str:
 # shipped studies
 
 
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_fast_plan_equals_a_full_build_of_every_trial(path):
+    """Planning builds each cell once and derives the other seeds (and row_label reads fields off the config):
+    the configs, ids, points and labels must be those of building every trial in full (ids key stored results)."""
+    from sslray.config import get_dotted
+    from sslray.study import cell_label, row_label
+
+    study = load_study(str(path))
+    fast = study.trials(unique=False)
+    full = [study._plan(cell, seed) for seed in study.seeds for cell in study._cells()]
+    assert [(t.trial_id, t.config, t.point, t.variant, t.seed) for t in fast] == \
+        [(t.trial_id, t.config, t.point, t.variant, t.seed) for t in full]
+    assert all(t.trial_id == t.config.trial_id() for t in fast)
+    for key in {study.report.rows, study.report.cols} - {"variant"}:
+        assert [row_label(t, key) for t in fast] == [cell_label(get_dotted(t.config.to_dict(), key)) for t in fast]
+
+
 def test_studies_exist():
     assert {p.name for p in STUDIES} >= {"quickstart.yaml", "smoke.yaml"}
 

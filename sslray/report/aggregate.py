@@ -142,7 +142,7 @@ def comparison_table(df: "pd.DataFrame", planned: list[PlannedTrial] | None, row
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     column = metric if agg == "last" else f"best/{metric}"
-    records = records_by_id(df, column)
+    records = records_by_id(df, column, ("status", "reason", "seed", column))
     row_order, col_order, members = cell_members(df, planned, rows, cols)
     if baseline is not None and baseline not in row_order:
         raise ValueError(f"baseline {baseline!r} is not a row (rows: {', '.join(row_order)})")
@@ -162,14 +162,33 @@ def cell_members(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: s
             members)
 
 
-def records_by_id(df: "pd.DataFrame", column: str | None) -> dict[str, dict[str, Any]]:
-    """trial_id -> its row as a dict; ValueError if ok rows exist but ``column`` does not (a mistyped metric)."""
+def records_by_id(df: "pd.DataFrame", column: str | None,
+                  keep: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """trial_id -> its row as a dict (only the columns in ``keep`` that exist, when given); ValueError if ok rows
+    exist but ``column`` does not (a mistyped metric)."""
     if len(df) == 0:
         return {}
     if column is not None and column not in df.columns and (df["status"] == "ok").any():
         metrics = sorted(c for c in df.columns if "/" in c and not c.startswith("val/iou/"))
         raise ValueError(f"no column {column!r} in the results (metric columns: {', '.join(metrics)})")
-    return {str(r["trial_id"]): r for r in df.to_dict("records")}
+    if keep is not None:
+        df = df[["trial_id", *dict.fromkeys(c for c in keep if c in df.columns and c != "trial_id")]]
+    return {str(r["trial_id"]): r for r in row_dicts(df)}
+
+
+def row_dicts(df: "pd.DataFrame") -> list[dict[str, Any]]:
+    """``df.to_dict("records")`` (nulls of extension columns as None), built column by column: several times
+    faster on the store's wide frames (a 10,000-trial store has hundreds of columns)."""
+    import pandas as pd
+
+    cols = []
+    for c in df.columns:
+        values = df[c].tolist()
+        if pd.api.types.is_extension_array_dtype(df[c].dtype):
+            values = [None if v is pd.NA else v for v in values]
+        cols.append(values)
+    names = list(df.columns)
+    return [dict(zip(names, row)) for row in zip(*cols)]
 
 
 def _members_from_plan(planned: list[PlannedTrial], rows: str, cols: str) -> dict[Key, list[str]]:
