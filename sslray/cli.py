@@ -532,8 +532,7 @@ def _nothing_stored(study, storage: str, df) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sslray.report.aggregate import row_dicts
-    from sslray.results import ResultsStore
+    from sslray.results import ResultsStore, row_dicts
     from sslray.storage import StudyStorage
 
     study, storage = _load(args)

@@ -611,6 +611,19 @@ def plan(study: "Study", storage: "str | os.PathLike | StudyStorage", retry_fail
     return [p for p in planned if p.trial_id not in done], [p for p in planned if p.trial_id in done]
 
 
+def row_dicts(df: "pd.DataFrame") -> list[dict[str, Any]]:
+    """``df.to_dict("records")`` (nulls of extension columns as None), built column by column: several times
+    faster on the store's wide frames (a 10,000-trial store has hundreds of columns)."""
+    cols = []
+    for c in df.columns:
+        values = df[c].tolist()
+        if pd.api.types.is_extension_array_dtype(df[c].dtype):
+            values = [None if v is pd.NA else v for v in values]
+        cols.append(values)
+    names = list(df.columns)
+    return [dict(zip(names, row)) for row in zip(*cols)]
+
+
 def _concat(frames: list[pd.DataFrame], required: tuple[str, ...]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in required})

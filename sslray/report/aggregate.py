@@ -173,22 +173,10 @@ def records_by_id(df: "pd.DataFrame", column: str | None,
         raise ValueError(f"no column {column!r} in the results (metric columns: {', '.join(metrics)})")
     if keep is not None:
         df = df[["trial_id", *dict.fromkeys(c for c in keep if c in df.columns and c != "trial_id")]]
+    from sslray.results import row_dicts
+
     return {str(r["trial_id"]): r for r in row_dicts(df)}
 
-
-def row_dicts(df: "pd.DataFrame") -> list[dict[str, Any]]:
-    """``df.to_dict("records")`` (nulls of extension columns as None), built column by column: several times
-    faster on the store's wide frames (a 10,000-trial store has hundreds of columns)."""
-    import pandas as pd
-
-    cols = []
-    for c in df.columns:
-        values = df[c].tolist()
-        if pd.api.types.is_extension_array_dtype(df[c].dtype):
-            values = [None if v is pd.NA else v for v in values]
-        cols.append(values)
-    names = list(df.columns)
-    return [dict(zip(names, row)) for row in zip(*cols)]
 
 
 def _members_from_plan(planned: list[PlannedTrial], rows: str, cols: str) -> dict[Key, list[str]]:
