@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import os
 import statistics
 import subprocess
@@ -82,24 +83,34 @@ def timed(fn) -> tuple[float, object]:
 REPEAT = 1  # --repeat: each command's time is the median of this many runs
 
 
-def cli_time(args: list[str]) -> float:
-    times = []
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def cli_time(args: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``sslray ARGS``, medians over REPEAT runs; the CPU time (user + system of the
+    process) is what a loaded machine distorts least."""
+    times, cpus = [], []
     for _ in range(REPEAT):
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "sslray", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        t0, c0 = time.perf_counter(), _children_cpu()
+        p = subprocess.run([sys.executable, "-m", "sslray", *args], cwd=ENV["PYTHONPATH"], env=ENV, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"sslray {' '.join(args)} failed: {p.stderr.strip()[-500:]}")
         times.append(time.perf_counter() - t0)
-    return round(statistics.median(times), 3)
+        cpus.append(_children_cpu() - c0)
+    return round(statistics.median(times), 3), round(statistics.median(cpus), 3)
 
 
 def cli_times(study: Path, storage: str, plots: Path) -> dict:
     """The four commands as separate processes (Python start and imports included), median of REPEAT runs."""
     common = ["--storage", storage]
-    return {"status_s": cli_time(["status", str(study), *common]),
-            "table_s": cli_time(["table", str(study), *common]),
-            "dry_run_s": cli_time(["run", str(study), "--dry-run", *common]),
-            "plot_s": cli_time(["plot", str(study), *common, "--out", str(plots)])}
+    commands = {"status": ["status"], "table": ["table"], "dry_run": ["run", "--dry-run"],
+                "plot": ["plot", "--out", str(plots)]}
+    out = {}
+    for name, (cmd, *extra) in commands.items():
+        out[f"{name}_s"], out[f"{name}_cpu_s"] = cli_time([cmd, str(study), *common, *extra])
+    return out
 
 
 def before_load(before: Path, storage: str) -> float:
@@ -155,7 +166,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="median of this many runs of each command")
     ap.add_argument("--dir", type=Path, help="keep the studies and local stores here (default: a temporary dir)")
     ap.add_argument("--cli-only", action="store_true", help="time only the commands on the stores in --dir")
+    ap.add_argument("--code", type=Path, help="run the commands with the sslray checkout at CODE (a before)")
     args = ap.parse_args()
+    if args.code:
+        ENV["PYTHONPATH"] = str(args.code.resolve())
     global REPEAT
     REPEAT = args.repeat
     if args.cli_only:

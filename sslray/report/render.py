@@ -71,7 +71,14 @@ def _short(text: str) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
 
 
-def _cell_text(table: Table, r: str, c: str, st: _Style, show_n: bool, reasons: bool) -> str:
+def _marks(table: Table) -> dict[str, tuple[set[str], set[str]]]:
+    """Column -> (rows holding its best mean, rows holding the second): once per column, not once per cell (a
+    1,000-row table asked each cell's column for its ranking again)."""
+    return {c: (set(table.best(c)), set(table.second(c))) for c in table.cols}
+
+
+def _cell_text(table: Table, r: str, c: str, st: _Style, show_n: bool, reasons: bool,
+               marks: dict[str, tuple[set[str], set[str]]] | None = None) -> str:
     cell = table.cells.get((r, c))
     if cell is None:
         return ""
@@ -83,9 +90,10 @@ def _cell_text(table: Table, r: str, c: str, st: _Style, show_n: bool, reasons: 
     text = _number(cell.mean) if cell.n == 1 else f"{_number(cell.mean)}{st.pm}{_number(cell.std)}"
     if show_n or cell.status != "ok":
         text += f" (n={cell.n})" if cell.status == "ok" else f" (n={cell.n} of {cell.planned})"
-    if table.mark_best and r in table.best(c):
+    best, second = (marks or _marks(table))[c] if table.mark_best else ((), ())
+    if r in best:
         text = st.bold(text)
-    elif table.mark_best and r in table.second(c):
+    elif r in second:
         text = st.under(text)
     if table.significant(r, c):
         text += st.mark
@@ -120,11 +128,11 @@ def _grid(table: Table, st: _Style, show_n: bool, reasons: bool) -> tuple[list[s
             header.append(f"{st.delta_word} {st.esc(c)}")
     if table.row_notes:
         header.append(st.esc(table.notes_header))
-    body = []
+    body, marks = [], _marks(table)
     for r in table.rows:
         line = [st.esc(r)]
         for c in table.cols:
-            line.append(_cell_text(table, r, c, st, show_n, reasons))
+            line.append(_cell_text(table, r, c, st, show_n, reasons, marks))
             if c in paper_cols:
                 p = table.paper.get((r, c))
                 line.append("" if p is None else _number(p))
@@ -203,6 +211,7 @@ def _csv(table: Table) -> str:
     w.writerow([table.row_key, table.col_key, "metric", "mean", "std", "n", "planned", "status", "best", "second",
                 "delta", "test", "n_pairs", "p", "p_holm", "significant", "ci_low", "ci_high", "paper", "reason"])
     metric = table.metric if table.agg == "last" else f"best/{table.metric}"
+    marks = _marks(table)
     for r in table.rows:
         for c in table.cols:
             cell = table.cells.get((r, c))
@@ -210,7 +219,7 @@ def _csv(table: Table) -> str:
                 continue
             t, ci = table.tests.get((r, c)), table.ci.get((r, c))
             w.writerow([r, c, metric, _fixed(cell.mean), _fixed(cell.std), cell.n, cell.planned, cell.status,
-                        _bool(table.mark_best and r in table.best(c)), _bool(table.mark_best and r in table.second(c)),
+                        _bool(table.mark_best and r in marks[c][0]), _bool(table.mark_best and r in marks[c][1]),
                         _fixed(table.delta(r, c)), t.test if t else "", t.n if t else "",
                         _fixed(t.p, 6) if t else "", _fixed(table.p_holm.get((r, c)), 6),
                         _bool(table.significant(r, c)) if t else "", _fixed(ci[0]) if ci else "",
@@ -327,7 +336,7 @@ def numeric_frame(obj: "Table | Listing") -> "pd.DataFrame":
                 df[col] = converted
         return df
     plain = _Style(lambda s: s, lambda s: s, lambda s: s, " ± ", lambda s: s, MARK, "Δ")
-    records = []
+    records, marks = [], _marks(obj)
     for r in obj.rows:
         for c in obj.cols:
             cell = obj.cells.get((r, c))
@@ -336,5 +345,5 @@ def numeric_frame(obj: "Table | Listing") -> "pd.DataFrame":
             records.append({obj.row_key: r, obj.col_key: c, "mean": cell.mean, "std": cell.std, "n": cell.n,
                             "planned": cell.planned, "status": cell.status, "delta": obj.delta(r, c),
                             "p_holm": obj.p_holm.get((r, c)), "significant": bool(obj.significant(r, c)),
-                            "cell": _cell_text(obj, r, c, plain, True, True)})
+                            "cell": _cell_text(obj, r, c, plain, True, True, marks)})
     return pd.DataFrame.from_records(records)
