@@ -287,7 +287,8 @@ class PCRModule(MethodModule):
             valid_u = u.target != ign
             self._diag["conf_frac"] = (valid_u & (u.conf >= cfg.confid_thresh)).sum() / valid_u.sum().clamp(min=1)
         if not self.is_ready:
-            if cfg.init == "kmeans":
+            if cfg.init == "kmeans":  # warm-up only: the bank takes a variable number of labeled pixels, gathered
+                # from ranks that hold different counts (all_gather_cat reads the sizes), so these reads are kept
                 self._push_bank(fx[valid_x], x.target[valid_x])
             if out.iteration + 1 >= self.warmup_iters:
                 if cfg.init == "kmeans":
