@@ -226,3 +226,42 @@ def test_fractional_gpus_validated(tmp_path, resources, needle):
 def test_gpu_memory_fraction_range():
     with pytest.raises(ConfigError, match=r"run.gpu_memory_fraction: expected a fraction in \[0, 1\], got 1.5"):
         tiny(**{"run.gpu_memory_fraction": 1.5})
+
+
+class _SizeReads:
+    """Counts the aten ops whose output size depends on the data (a device sync on a GPU that
+    :func:`count_host_reads` cannot see from Python): ``nonzero``, ``masked_select``, a boolean-mask index."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                masked = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+                if masked or name in ("aten.nonzero", "aten.masked_select"):
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("method", ["guidedmix", "pcr", "mllc"])
+def test_heads_index_nothing_of_data_dependent_size(tmp_path, monkeypatch, method):
+    """PCR's prototype update and MLLC's counters / prototype sums are fixed-size (they used 7 and 10 boolean-mask
+    indexes per step); PCR's k-means warm-up (step 0 here) keeps its variable-size bank push."""
+    steps = []
+
+    def counted(*args, **kwargs):
+        probe = _SizeReads()
+        with probe.mode:
+            step(*args, **kwargs)
+        steps.append(probe.counts)
+
+    step = trainer._train_step
+    monkeypatch.setattr(trainer, "_train_step", counted)
+    fit(tiny(**{"method.name": method, "method.conf_thresh": 0.5}), Runtime(), None, out_dir=str(tmp_path))
+    assert steps[1:] == [{}] * 5 and (method == "pcr" or steps[0] == {})

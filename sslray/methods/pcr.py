@@ -175,7 +175,8 @@ def masked_percentile(values: torch.Tensor, valid: torch.Tensor, q: float) -> to
     pos = (q / 100.0) * (n - 1).clamp(min=0).to(torch.float64)
     lo = pos.floor().long()
     hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-    v_lo, v_hi = ordered[lo], ordered[hi]
+    v_lo, v_hi = ordered.gather(0, lo.reshape(1))[0], ordered.gather(0, hi.reshape(1))[0]  # not ordered[lo]: a 0-dim
+    # index tensor is read back as a Python int
     frac = (pos - lo).to(flat.dtype)
     return torch.where(hi == lo, v_lo, v_lo + frac * (v_hi - v_lo))
 
