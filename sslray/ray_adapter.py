@@ -19,6 +19,10 @@ Shape of a run (Ray 2.60, Train V2; the measured traps are in ../shared/ray.md):
   ``TuneReportCallback``. The driver holds only a ``train_driver`` custom resource, so drivers never starve
   their own workers (the Tune + Train deadlock), and ``max_concurrent_trials`` is derived from what the
   workers need.
+* A search runs :func:`search_driver` (one Tune trial per sampled configuration, every seed of the study, the
+  mean over seeds told to Optuna); with ASHA and several seeds the seeds take turns per evaluation
+  (:func:`_lockstep`) and each evaluation's mean is reported to Tune, so ASHA compares means. A search with one
+  seed and ASHA runs :func:`trial_driver` (ASHA sees that seed's curve).
 * Training returns ``FitResult(metrics, history)``; the trial wraps it in an ``_Outcome`` (status, reason, the
   nodes it ran on) and writes its own Parquet row (``ResultsStore``) before it returns, so a crash of the
   ``sslray run`` process loses nothing finished; ``--resume`` (or a plain re-run) skips stored trial ids and
@@ -103,6 +107,7 @@ class TrialSpec:
     cell: dict = dataclasses.field(default_factory=dict)
     base: dict | None = None
     seeds: tuple[int, ...] = ()  # a search: every sampled configuration runs each of these (search_driver)
+    lockstep: bool = False  # a search with a scheduler and several seeds: the seeds take turns per evaluation
 
     def __repr__(self) -> str:  # Tune names trial directories and log lines after it: keep it short
         what = self.trial_id[:12] if self.trial_id else "search"
@@ -177,12 +182,16 @@ def _fit_with(spec: TrialSpec, cfg: TrialConfig, cell: dict, runtime, reporter, 
         result = fit(cfg, runtime, run.reporter(reporter) if run else reporter, resume_from=resume_from,
                      out_dir=out_dir, on_log=run.log if run else None)
         outcome = _Outcome("ok", result.metrics, result.history)
+    except _Pause:  # a seed in lockstep reached its evaluation (checkpoint written): the next round resumes it
+        outcome = _Outcome("paused")
     except (NonFiniteLossError, DoesNotFit) as e:  # deterministic: retrying would fail the same way
         outcome = _Outcome("failed", reason=str(e))
     except (FileNotFoundError, ValueError) as e:  # bad data or config found at trial start
         outcome = _Outcome("failed", reason=f"{type(e).__name__}: {e}")
     finally:
-        if run is not None:
+        if run is not None and outcome.status == "paused":
+            run.pause()
+        elif run is not None:
             run.finish(outcome.status, outcome.metrics, outcome.reason)
         if runtime.is_main and storage.remote:  # the checkpoint, the split files and the offline W&B run
             storage.push_trial(cfg.trial_id())
@@ -224,29 +233,127 @@ def trial_driver(config: dict) -> dict:
 
 
 def search_driver(config: dict) -> dict:
-    """The Tune trial function of a search without a scheduler: one Tune trial per sampled configuration, which
-    trains it once per seed of the study, one seed after the other, each as its own sslray trial (own id, row,
-    checkpoint, W&B run). A seed whose ``ok`` row is already stored is taken from the store (a configuration
-    re-run after a killed driver trains only what is missing). Returns the mean over seeds of every scalar metric
-    (what OptunaSearch tells the Optuna study: one value per configuration), ``<metric>/std`` and ``seeds``."""
+    """The Tune trial function of a search with several seeds, or without a scheduler: one Tune trial per sampled
+    configuration, which trains it once per seed of the study, each as its own sslray trial (own id, row,
+    checkpoint, W&B run). Without a scheduler the seeds run one after the other; a seed whose ``ok`` row is
+    already stored is taken from the store (a configuration re-run after a killed driver trains only what is
+    missing). With a scheduler (``spec.lockstep``) the seeds take turns per evaluation (:func:`_lockstep`), so
+    ASHA compares means. Returns the mean over seeds of every scalar metric (what OptunaSearch tells the Optuna
+    study: one value per configuration), ``<metric>/std`` and ``seeds``."""
     spec: TrialSpec = config["sslray"]
     load_plugins(list(spec.plugins))
     store = ResultsStore(StudyStorage(spec.storage))
-    finals, statuses, ids = [], [], []
-    for seed in spec.seeds or (spec.seed,):
-        seeded = dataclasses.replace(spec, seed=seed)
-        cfg, cell = seeded.resolve(config.get("params"))
-        ids.append(cfg.trial_id())
-        row = _stored_row(store, cfg.trial_id())
-        if row is None or row.get("status") != "ok":
-            rerun = StudyStorage(spec.storage).write_trial_config(cfg, spec.plugins)
-            t0 = time.time()
-            outcome = (_fit_in_actor if spec.resources.workers == 1 else _fit_on_workers)(seeded, cfg, cell)
-            row = _finish(seeded, cfg, cell, outcome, t0, rerun)
-        statuses.append(row.get("status"))
-        finals.append(_scalars({k: v for k, v in row.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}))
-    return {**seed_means(finals), "sslray_status": "ok" if set(statuses) == {"ok"} else "failed",
-            "sslray_trial_id": ids[0], "sslray_trial_ids": ",".join(ids)}
+    if spec.lockstep:
+        rows = _lockstep(spec, config.get("params"), store)
+    else:
+        rows = [_seed_row(dataclasses.replace(spec, seed=seed), config.get("params"), store)
+                for seed in spec.seeds or (spec.seed,)]
+    statuses = [row.get("status") for row in rows]
+    finals = [_scalars({k: v for k, v in row.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"})
+              for row in rows if row.get("status") == "ok"]
+    return {**seed_means(finals if len(finals) == len(rows) else []),
+            "sslray_status": "ok" if set(statuses) == {"ok"} else "failed",
+            "sslray_trial_id": rows[0]["trial_id"], "sslray_trial_ids": ",".join(r["trial_id"] for r in rows)}
+
+
+def _seed_row(seeded: TrialSpec, params: Mapping[str, Any] | None, store: ResultsStore) -> dict:
+    """One seed of a configuration trained to the end (or its stored ``ok`` row); returns its row."""
+    cfg, cell = seeded.resolve(params)
+    row = _stored_row(store, cfg.trial_id())
+    if row is None or row.get("status") != "ok":
+        rerun = StudyStorage(seeded.storage).write_trial_config(cfg, seeded.plugins)
+        t0 = time.time()
+        outcome = (_fit_in_actor if seeded.resources.workers == 1 else _fit_on_workers)(seeded, cfg, cell)
+        row = _finish(seeded, cfg, cell, outcome, t0, rerun)
+    return row
+
+
+class _Pause(Exception):
+    """Raised by the reporter of a seed in lockstep once it has reported the evaluation it was asked to reach (its
+    checkpoint is already written)."""
+
+
+def eval_points(iterations: int, eval_every: int) -> list[int]:
+    """The iterations at which the trainer evaluates (every ``eval_every`` and always the last)."""
+    points = list(range(eval_every, iterations + 1, eval_every))
+    return points if points and points[-1] == iterations else points + [iterations]
+
+
+class _SeedTurns:
+    """One seed of a configuration in lockstep: ``at[iteration]`` holds its metrics at each evaluation reached so
+    far (from its checkpoint's history when it resumes), ``row`` its stored row once it has one."""
+
+    def __init__(self, spec: TrialSpec, params: Mapping[str, Any] | None, store: ResultsStore):
+        from sslray.storage import CHECKPOINT_FILE, checkpoint_dir
+        from sslray.trainer import load_checkpoint
+
+        self.spec, self.store = spec, store
+        self.cfg, self.cell = spec.resolve(params)
+        self.at: dict[int, dict] = {}
+        row = _stored_row(store, self.cfg.trial_id())
+        self.row = row if row is not None and row.get("status") == "ok" else None
+        ckpt = checkpoint_dir(StudyStorage(spec.storage).pull_trial(self.cfg.trial_id()))
+        if os.path.exists(os.path.join(ckpt, CHECKPOINT_FILE)):  # resumed, or done: its evaluations so far
+            import torch
+
+            for h in load_checkpoint(str(ckpt), torch.device("cpu"))["history"]:
+                self.at[int(h["iteration"])] = _scalars(h)
+        self.rerun = ""
+        if self.row is None:
+            self.rerun = StudyStorage(spec.storage).write_trial_config(self.cfg, spec.plugins)
+
+    def reach(self, k: int) -> None:
+        """Train until the evaluation at iteration ``k`` (or the end: then its row is stored)."""
+        from sslray.trainer import Runtime
+
+        if k in self.at or self.row is not None:
+            return
+        total = self.cfg.train.iterations
+
+        def reporter(metrics: dict, checkpoint: str | None) -> None:
+            self.at[int(metrics["iteration"])] = _scalars(metrics)
+            if int(metrics["iteration"]) >= k and int(metrics["iteration"]) < total:
+                raise _Pause
+
+        t0 = time.time()
+        outcome = _fit_with(self.spec, self.cfg, self.cell, Runtime.detect(self.cfg.run.device), reporter, "auto")
+        if outcome.status != "paused":
+            if outcome.metrics is not None:
+                outcome.placement = {"nodes": [ray.get_runtime_context().get_node_id()]}
+            self.row = _finish(self.spec, self.cfg, self.cell, outcome, t0, self.rerun)
+
+    @property
+    def failed(self) -> bool:
+        return self.row is not None and self.row.get("status") != "ok"
+
+
+def _lockstep(spec: TrialSpec, params: Mapping[str, Any] | None, store: ResultsStore) -> list[dict]:
+    """The seeds of one configuration under a scheduler, in turns: for each evaluation point k, seed 0 trains to
+    k, then seed 1, ... (each resuming from its own checkpoint); then the mean over seeds at k goes to Tune
+    (``ray.tune.report``), so ASHA compares and stops configurations by their means. Each report also carries
+    every seed's metrics at k (``sslray_seed_metrics``, JSON): a configuration ASHA stops gets one ``stopped``
+    row per unfinished seed from it (:func:`_store_unreturned`). A failed seed ends the configuration: the
+    others are stored as stopped. Returns the seeds' rows."""
+    import json
+
+    turns = [_SeedTurns(dataclasses.replace(spec, seed=s), params, store) for s in spec.seeds]
+    points = eval_points(turns[0].cfg.train.iterations, turns[0].cfg.train.eval_every)
+    for k in points:
+        for t in turns:
+            t.reach(k)
+            if t.failed:
+                why = f"stopped: seed {t.spec.seed} of this configuration failed"
+                return [u.row if u.row is not None else _store_stopped(u, why) for u in turns]
+        if k != points[-1]:  # the last evaluation's mean is the trial's return value
+            at_k = {str(t.spec.seed): t.at.get(k, {}) for t in turns}  # {}: a finished seed that lost its checkpoint
+            ray.tune.report({**seed_means(list(at_k.values())), "sslray_seed_metrics": json.dumps(at_k)})
+    return [t.row for t in turns]
+
+
+def _store_stopped(t: _SeedTurns, reason: str) -> dict:
+    last = t.at[max(t.at)] if t.at else {}
+    kept = {k: v for k, v in last.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}
+    return _finish(t.spec, t.cfg, t.cell, _Outcome("stopped", kept, reason=reason), time.time(), t.rerun)
 
 
 def _stored_row(store: ResultsStore, trial_id: str) -> dict | None:
@@ -603,10 +710,10 @@ def _progress_of(study: Study, todo: list[PlannedTrial], n: int, concurrent: int
 
 
 def _driver_of(study: Study):
-    """The Tune trial function: a grid trial or a search trial with a scheduler (one seed: ASHA sees its curve)
-    runs :func:`trial_driver`; a search without a scheduler runs :func:`search_driver` (every seed of each
-    configuration, the mean told to Optuna)."""
-    if study.search is not None and study.search.scheduler is None:
+    """The Tune trial function: a grid trial or a search trial with a scheduler and one seed (ASHA sees its curve)
+    runs :func:`trial_driver`; any other search runs :func:`search_driver` (every seed of each configuration, the
+    mean told to Optuna; with a scheduler, the seeds in lockstep and the mean at each evaluation told to ASHA)."""
+    if study.search is not None and (study.search.scheduler is None or len(study.seeds) > 1):
         return search_driver
     return trial_driver
 
@@ -644,6 +751,9 @@ def _store_unreturned(grid, layout: StudyStorage) -> None:
             cfg, cell = spec.resolve()
             reason = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300] if str(r.error) else ''}"
             outcome = _Outcome("failed", reason=reason)
+        elif r.error is None and "sslray_seed_metrics" in m and "sslray_status" not in m:
+            _store_stopped_seeds(spec, r.config.get("params"), m, store)
+            continue
         elif r.error is None and "sslray_status" not in m and "params" in r.config:
             cfg, cell = spec.resolve(r.config["params"])
             kept = {k: v for k, v in m.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}
@@ -653,6 +763,22 @@ def _store_unreturned(grid, layout: StudyStorage) -> None:
             continue
         if not store.has(cfg.trial_id()):
             _finish(spec, cfg, cell, outcome, time.time())
+
+
+def _store_stopped_seeds(spec: TrialSpec, params: Mapping[str, Any] | None, last: dict, store: ResultsStore) -> None:
+    """A configuration in lockstep that the scheduler stopped: one ``stopped`` row per seed not yet stored, with
+    that seed's metrics at the last evaluation reported (``sslray_seed_metrics``)."""
+    import json
+
+    for seed, metrics in json.loads(last["sslray_seed_metrics"]).items():
+        seeded = dataclasses.replace(spec, seed=int(seed))
+        cfg, cell = seeded.resolve(params)
+        if store.has(cfg.trial_id()):
+            continue
+        kept = {k: v for k, v in metrics.items() if k.startswith(_METRIC_PREFIXES) or k == "iteration"}
+        reason = (f"stopped by the scheduler after {metrics.get('iteration', '?')} iterations (the mean over "
+                  f"{len(spec.seeds)} seeds)")
+        _finish(seeded, cfg, cell, _Outcome("stopped", kept, reason=reason), time.time())
 
 
 def optuna_storage(study: Study, layout: StudyStorage):
@@ -710,7 +836,8 @@ def _search_setup(study: Study, spec: TrialSpec, concurrent: int, storage=None, 
                                   stop_last_trials=False, **sch)
     # the base dict travels with every trial: no node reads the study file
     param_space = {**space, "sslray": dataclasses.replace(spec, base=study.base_dict, seed=study.seeds[0],
-                                                          seeds=tuple(study.seeds))}
+                                                          seeds=tuple(study.seeds),
+                                                          lockstep=bool(s.scheduler) and len(study.seeds) > 1)}
     cfg = ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples - completed,
                               max_concurrent_trials=concurrent, reuse_actors=True)
     return param_space, cfg
@@ -736,4 +863,5 @@ def shutdown() -> None:
 
 __all__ = ["run_study", "plan", "TrialSpec", "max_concurrent", "trial_resources", "check_fits", "shutdown", "RunSummary",
            "trial_driver", "train_fn_per_worker", "ClusterTooSmall", "search_driver", "seed_means", "optuna_storage",
+           "eval_points",
            "progress_callback", "show_ray_notices"]

@@ -388,9 +388,7 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
     seeds = _seeds(raw.get("seeds", [0]), path)
     search = _search(raw.get("search"), path, base, base_dict)
     if search is not None and search.scheduler is not None and len(seeds) > 1:
-        raise ConfigError(path, "search.scheduler", f"ASHA with {len(seeds)} seeds per configuration is not "
-                                                    "supported yet (it would compare one seed's curve, not the mean); "
-                                                    "use one seed or no scheduler")
+        _check_lockstep(path, base, _resources(raw.get("resources"), path), len(seeds))
     if search is not None:
         for other in ("grid", "ablation"):
             if other in raw:
@@ -922,6 +920,19 @@ _DIST_CHECKS = {
     "int": _check_int,
     "choice": _check_choice,
 }
+
+def _check_lockstep(path: str, base: TrialConfig, resources: Resources, seeds: int) -> None:
+    """ASHA with several seeds runs them in turns per evaluation, each resuming from its checkpoint: that needs
+    checkpoints, and one worker per trial (a Train worker group reports each seed to Tune itself)."""
+    if not base.run.checkpoint:
+        raise ConfigError(path, "base.run.checkpoint", f"ASHA with {seeds} seeds per configuration needs "
+                                                       "checkpoints (the seeds take turns, each resuming from its "
+                                                       "own); set it to true or use one seed")
+    if resources.workers != 1:
+        raise ConfigError(path, "search.scheduler", f"ASHA with {seeds} seeds per configuration is not supported "
+                                                    f"with resources.workers = {resources.workers} yet; use one "
+                                                    "worker, one seed or no scheduler")
+
 
 def _scheduler(section: Any, path: str, base: TrialConfig) -> dict | None:
     """ASHA with every key filled in (:class:`AshaSpec`); ``max_t`` defaults to the evaluations of ``base``."""

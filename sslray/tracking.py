@@ -163,6 +163,11 @@ class TrialRun:
             inner(metrics, checkpoint)
         return report
 
+    def pause(self) -> None:
+        """Close the run between turns (a seed of a search configuration in lockstep under ASHA): the next turn
+        resumes the same run (same id, ``resume="allow"``)."""
+        self.run.finish(exit_code=0)
+
     def finish(self, status: str, metrics: Mapping[str, Any] | None, reason: str | None) -> None:
         """Final scalar metrics, status and reason into the summary; exit code 1 marks a failed run."""
         summary = {**_scalars(metrics or {}), "status": status}

@@ -439,7 +439,7 @@ def test_ablation_study_baseline_is_the_code_and_every_row_builds():
 
     path = os.path.join(os.path.dirname(__file__), "..", "studies", "ablation_guidedmix.yaml")
     trials = [t for t in load_study(path).trials() if t.seed == 0]
-    assert len(trials) == 13
+    assert len(trials) == 14  # 13 rows + the code-mode weight-1 diagnostic
     preset = TrialConfig.from_dict({"method": {"name": "guidedmix"}}).method.terms["guidedmix"]
     assert trials[0].config.method.terms["guidedmix"] == preset
     dims = {"aspp": 8, "features": 8, "low": 4}

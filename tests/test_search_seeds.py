@@ -1,6 +1,7 @@
 """Searches on a real local Ray instance with a real Optuna study in the study's storage: every sampled
 configuration runs every seed and the searcher is told the mean; a driver killed mid-search continues the same
 Optuna study."""
+import json
 import os
 import signal
 import statistics
@@ -30,8 +31,8 @@ TINY_BASE = {
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
 
 
-def search_study(tmp_path, num_samples: int, seeds=(0, 1), **search) -> str:
-    d = {"name": "seeded", "base": TINY_BASE, "seeds": list(seeds), "storage": str(tmp_path / "store"),
+def search_study(tmp_path, num_samples: int, seeds=(0, 1), base=None, **search) -> str:
+    d = {"name": "seeded", "base": base or TINY_BASE, "seeds": list(seeds), "storage": str(tmp_path / "store"),
          "search": {"sampler": "random", "num_samples": num_samples, "metric": "val/miou", "mode": "max", "seed": 3,
                     "space": {"optim.lr": {"loguniform": [1.0e-3, 1.0e-1]}}, **search}}
     p = tmp_path / "study.yaml"
@@ -45,10 +46,73 @@ def optuna_history(tmp_path) -> list[tuple[int, str, dict, float | None]]:
     return [(t.number, t.state.name, dict(t.params), t.value) for t in trials]
 
 
-def test_asha_with_several_seeds_is_refused(tmp_path):
+def test_asha_with_several_seeds_needs_checkpoints_and_one_worker(tmp_path):
     path = search_study(tmp_path, 2, scheduler={"type": "asha"})
-    with pytest.raises(ConfigError, match="search.scheduler: ASHA with 2 seeds per configuration is not supported"):
+    assert load_study(path).search.scheduler["type"] == "asha"  # allowed: the seeds run in lockstep
+    d = yaml.safe_load(open(path))
+    d["base"]["run"]["checkpoint"] = False
+    open(path, "w").write(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="base.run.checkpoint: ASHA with 2 seeds per configuration needs checkpoints"):
         load_study(path)
+    d["base"]["run"]["checkpoint"] = True
+    d["resources"] = {"workers": 2}
+    open(path, "w").write(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="search.scheduler: ASHA with 2 seeds .* resources.workers = 2"):
+        load_study(path)
+
+
+def _tune_results(store: Path) -> list[list[dict]]:
+    """Every Tune trial's reported results, in order (Tune's own result.json lines)."""
+    return [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            for f in sorted((store / "ray_tune").glob("*/*/result.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_asha_compares_the_mean_over_seeds_and_stores_stopped_seeds(tmp_path):
+    """ASHA with 2 seeds: one Tune trial per configuration, whose result at each evaluation is the mean of its two
+    seeds' history rows there; a configuration ASHA stops gets a stopped row per seed. ``train/lr`` (poly decay of
+    the sampled lr) is the metric so that which configuration ASHA stops does not hang on float noise."""
+    import ray
+
+    from sslray import ray_adapter
+
+    base = {**TINY_BASE, "train": {"iterations": 3, "eval_every": 1}}
+    path = search_study(tmp_path, 3, base=base, metric="train/lr",
+                        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    try:
+        ray_adapter.run_study(load_study(path), num_cpus=1, verbose=False)
+    finally:
+        ray.shutdown()
+    store = ResultsStore(str(tmp_path / "store"))
+    df, hist = store.load(), store.load_history()
+    assert len(df) == 6 and df["trial_id"].is_unique and set(df["status"]) <= {"ok", "stopped"}
+    runs = _tune_results(tmp_path / "store")
+    assert len(runs) == 3  # one Tune trial per configuration, not one per seed
+    stopped = 0
+    for results in runs:
+        lr = results[0]["config"]["params"]["optim.lr"]
+        rows = df[df["cfg.optim.lr"] == lr]
+        assert sorted(rows["seed"]) == [0, 1] and rows["status"].nunique() == 1
+        for r in results:
+            it = r["iteration"]
+            if rows["status"].iloc[0] == "ok":  # each seed's stored history at this evaluation
+                seeds = hist[hist["trial_id"].isin(rows["trial_id"]) & (hist["iteration"] == it)]
+                assert len(seeds) == 2
+            else:
+                seeds = rows  # a stopped seed's row holds its metrics at the last evaluation reported
+            for m in ("val/miou", "train/loss", "train/lr"):
+                assert r[m] == pytest.approx(statistics.fmean(seeds[m])), (lr, it, m)
+        if rows["status"].iloc[0] == "stopped":
+            stopped += 1
+            assert results[-1]["iteration"] < 3 and (rows["iteration"] == results[-1]["iteration"]).all()
+            assert rows["reason"].str.contains("stopped by the scheduler after").all()
+        else:
+            assert results[-1]["iteration"] == 3 and results[-1]["sslray_status"] == "ok"
+    assert stopped >= 1
+    # Optuna holds one value per configuration: the final mean
+    values = [h[3] for h in optuna_history(tmp_path)]
+    assert len(values) == 3
 
 
 def _count_complete(url: str) -> int:

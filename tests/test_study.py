@@ -128,7 +128,7 @@ def test_overrides_apply_to_base(tmp_path):
     assert study.base.model.width == 8
     assert error_of(path, ["optim.lrr=1"]) == (
         f"{path} (--set): optim.lrr: unknown config key (optim has: lr, head_lr_mult, momentum, weight_decay, "
-        "poly_power)")
+        "poly_power, optimizer)")
     assert error_of(path, ["method.name=unimatch"]) == (
         f"{path} (--set): method.name: is a grid axis of this study; the grid sets it")
     assert error_of(path, ["optim.lr=fast"]) == f"{path} (--set): optim.lr: expected a number, got 'fast'"
@@ -169,10 +169,10 @@ BAD = [
     ("name: a b\n", "name: expected [A-Za-z0-9_.-]+ not starting with '.' (used in paths), got 'a b'"),
     ("name: ..\n", "name: expected [A-Za-z0-9_.-]+ not starting with '.' (used in paths), got '..'"),
     ("name: t\nbase: {optim: {lrr: 1}}\n",
-     "base.optim.lrr: unknown key (expected one of: lr, head_lr_mult, momentum, weight_decay, poly_power)"),
+     "base.optim.lrr: unknown key (expected one of: lr, head_lr_mult, momentum, weight_decay, poly_power, optimizer)"),
     ("name: t\nbase: {seed: 3}\n", "base.seed: set seeds with the top-level 'seeds' list"),
     (HEAD + "grid: {optim.lrr: [1]}\n",
-     "grid.optim.lrr: unknown config key (optim has: lr, head_lr_mult, momentum, weight_decay, poly_power)"),
+     "grid.optim.lrr: unknown config key (optim has: lr, head_lr_mult, momentum, weight_decay, poly_power, optimizer)"),
     (HEAD + "grid: {optim.lr: [0.1, fast]}\n", "grid.optim.lr: expected a number, got 'fast'"),
     (HEAD + "grid: {optim.lr: 0.1}\n", "grid.optim.lr: expected a non-empty list of values, got 0.1"),
     (HEAD + "grid: {optim.lr: []}\n", "grid.optim.lr: expected a non-empty list of values, got []"),
@@ -225,7 +225,7 @@ BAD = [
     (HEAD + "search: {num_samples: 2, space: {optim: {uniform: [0, 1]}}}\n",
      "search.space.optim: is a config section; search a single value"),
     (HEAD + "search: {num_samples: 2, space: {optim.lrr: {uniform: [0, 1]}}}\n",
-     "search.space.optim.lrr: unknown config key (optim has: lr, head_lr_mult, momentum, weight_decay, poly_power)"),
+     "search.space.optim.lrr: unknown config key (optim has: lr, head_lr_mult, momentum, weight_decay, poly_power, optimizer)"),
     (HEAD + "search: {sampler: bayes, num_samples: 2, space: {optim.lr: {uniform: [0.1, 0.2]}}}\n",
      "search.sampler: expected one of ['tpe', 'gp', 'random', 'grid', 'bruteforce'], got 'bayes'"),
     (HEAD + "search: {sampler: grid, num_samples: 2, space: {optim.lr: {uniform: [0.1, 0.2]}}}\n",
@@ -247,7 +247,7 @@ BAD = [
     (HEAD + "resources: {gpus: 1}\n",
      "resources.gpus: unknown key (expected one of: workers, cpus_per_worker, gpus_per_worker, placement)"),
     (HEAD + "report: {rows: method.nme}\n",
-     "report.rows: unknown config key (method has: name, teacher, conf_thresh, global_div, mix_source, terms)"),
+     "report.rows: unknown config key (method has: name, teacher, conf_thresh, global_div, mix_source, strong_dropout, terms)"),
     (HEAD + "report: {rows: variant}\n", "report.rows: 'variant' needs an ablation section"),
     (HEAD + "report: {cols: data.aug}\n",
      "report.cols: is a config section; expected a single value (or 'variant')"),
@@ -268,7 +268,7 @@ BAD = [
      "base.data.aug.jitter[3]: expected a hue jitter in [0, 0.5], got 0.7"),
     (HEAD + "grid: {optim.momentum: [0.9, 2]}\n", "grid.optim.momentum: expected a value in [0, 1], got 2"),
     ("name: t\nbase: {model: {name: unet}}\n",
-     "base.model.name: expected one of ['small', 'deeplabv3plus'], got 'unet'"),
+     "base.model.name: expected one of ['small', 'deeplabv3plus', 'dpt'], got 'unet'"),
     ("- name: t\n", "<root>: expected a mapping at the top level, got list"),
     ("# nothing\n", "<root>: the file is empty (a study needs at least a name)"),
     ("name: t\nname: u\n", "<root>: invalid YAML: line 2, column 1: duplicate key 'name'"),
