@@ -34,8 +34,7 @@ def test_counter_sees_a_host_read():
     assert not isinstance(torch.Tensor.item, type(test_counter_sees_a_host_read))  # restored
 
 
-@pytest.mark.parametrize("method", ["supervised", "unimatch", "meanteacher"])
-def test_step_reads_nothing_back(tmp_path, monkeypatch, method):
+def _reads_per_step(tmp_path, monkeypatch, method: str, **dotted) -> list[dict]:
     steps = []
 
     def counted(*args, **kwargs):
@@ -45,8 +44,31 @@ def test_step_reads_nothing_back(tmp_path, monkeypatch, method):
 
     step = trainer._train_step
     monkeypatch.setattr(trainer, "_train_step", counted)
-    fit(tiny(**{"method.name": method, "method.conf_thresh": 0.5}), Runtime(), None, out_dir=str(tmp_path))
-    assert steps == [{}] * 6
+    fit(tiny(**{"method.name": method, "method.conf_thresh": 0.5, **dotted}), Runtime(), None, out_dir=str(tmp_path))
+    return steps
+
+
+@pytest.mark.parametrize("method,dotted", [
+    ("supervised", {}), ("fixmatch", {}), ("unimatch", {}), ("meanteacher", {}), ("ipixmatch", {}),
+    ("guidedmix", {}), ("guidedmix_paper", {}),
+    ("pcr_base", {}), ("pcr", {}),  # k-means warm-up at step 0, then the momentum update; u_drop on
+    ("pcr", {"method.terms.x.ohem_min_kept": 100}),  # OHEM's mining branch (pcr's default keeps every pixel here)
+])
+def test_step_reads_nothing_back(tmp_path, monkeypatch, method, dotted):
+    """No Python-level host read in any step of these methods (guidedmix, pcr_base and pcr read 1, 2 and 5 per
+    step before their lambda, warm-up flag, U2PL count and OHEM count stayed on the device)."""
+    assert _reads_per_step(tmp_path, monkeypatch, method, **dotted) == [{}] * 6
+
+
+def test_mllc_reads_only_its_cpu_knn_kernel(tmp_path, monkeypatch):
+    """MLLC's only reads are the numpy kNN kernel's zero-copy views of CPU tensors: 3 per graph build, 6 builds per
+    step (x + s1 together, the teacher's weak view and mix partner, 2 rounds each). The device path (topk, torch
+    multiply: what a GPU runs) reads nothing."""
+    from sslray.methods import mllc
+
+    assert _reads_per_step(tmp_path / "np", monkeypatch, "mllc") == [{"numpy": 18}] * 6
+    monkeypatch.setattr(mllc, "NUMPY_ON_CPU", False)
+    assert _reads_per_step(tmp_path / "torch", monkeypatch, "mllc") == [{}] * 6
 
 
 def _poison(monkeypatch, at: int, term: str | None):
@@ -204,3 +226,42 @@ def test_fractional_gpus_validated(tmp_path, resources, needle):
 def test_gpu_memory_fraction_range():
     with pytest.raises(ConfigError, match=r"run.gpu_memory_fraction: expected a fraction in \[0, 1\], got 1.5"):
         tiny(**{"run.gpu_memory_fraction": 1.5})
+
+
+class _SizeReads:
+    """Counts the aten ops whose output size depends on the data (a device sync on a GPU that
+    :func:`count_host_reads` cannot see from Python): ``nonzero``, ``masked_select``, a boolean-mask index."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                masked = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+                if masked or name in ("aten.nonzero", "aten.masked_select"):
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("method", ["guidedmix", "pcr", "mllc"])
+def test_heads_index_nothing_of_data_dependent_size(tmp_path, monkeypatch, method):
+    """PCR's prototype update and MLLC's counters / prototype sums are fixed-size (they used 7 and 10 boolean-mask
+    indexes per step); PCR's k-means warm-up (step 0 here) keeps its variable-size bank push."""
+    steps = []
+
+    def counted(*args, **kwargs):
+        probe = _SizeReads()
+        with probe.mode:
+            step(*args, **kwargs)
+        steps.append(probe.counts)
+
+    step = trainer._train_step
+    monkeypatch.setattr(trainer, "_train_step", counted)
+    fit(tiny(**{"method.name": method, "method.conf_thresh": 0.5}), Runtime(), None, out_dir=str(tmp_path))
+    assert steps[1:] == [{}] * 5 and (method == "pcr" or steps[0] == {})

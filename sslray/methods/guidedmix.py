@@ -134,7 +134,13 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.
 
 def sample_lambda(lambda_max: float) -> float:
     """The code's draw (Beta(1,1), min(lam, 1-lam), redrawn while >= lambda_max) = U(0, min(lambda_max, 0.5))."""
-    return float(torch.rand(())) * min(lambda_max, 0.5)
+    return float(sample_lambda_tensor(lambda_max))
+
+
+def sample_lambda_tensor(lambda_max: float) -> torch.Tensor:
+    """:func:`sample_lambda` as a 0-dim float64 CPU tensor, the same draw of the global torch RNG and the same value:
+    the step uses it as a scalar operand (float64, as the Python float was), so it never reads a value back."""
+    return torch.rand(()).double() * min(lambda_max, 0.5)
 
 
 def pair_indices(mode: str, feat_x: torch.Tensor, feat_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +285,8 @@ class GuidedMixModule(MethodModule):
 
     # ---- code mode
 
-    def mix_logits(self, px: dict, pu: dict, lam: float, l_idx: torch.Tensor, u_idx: torch.Tensor) -> torch.Tensor:
+    def mix_logits(self, px: dict, pu: dict, lam: float | torch.Tensor, l_idx: torch.Tensor,
+                   u_idx: torch.Tensor) -> torch.Tensor:
         """The mixing head on the mixed ASPP features: [n, K, h1, w1] at the decoder resolution of ``logits_low``."""
         a_mix = lam * px["aspp"][l_idx] + (1.0 - lam) * pu["aspp"][u_idx]  # [n, A, h4, w4]
         size = px["logits_low"].shape[-2:]
@@ -294,7 +301,7 @@ class GuidedMixModule(MethodModule):
     def code_loss(self, out, ctx) -> torch.Tensor:
         cfg = self.cfg
         px, pu = out.part("x"), out.part("u_w")
-        lam = sample_lambda(cfg.lambda_max)
+        lam = sample_lambda_tensor(cfg.lambda_max)
         l_idx, u_idx = pair_indices(self.pairing, px["c4"], pu["c4"])
         z = self.mix_logits(px, pu, lam, l_idx, u_idx).float()  # [n, K, h1, w1]
         if cfg.decouple:
@@ -305,7 +312,7 @@ class GuidedMixModule(MethodModule):
         valid = pad != ctx.ignore_index
         with torch.no_grad():
             agree = ((z.argmax(1) == target) & valid).sum() / valid.sum().clamp(min=1)
-            self._diag = {"lambda": torch.tensor(lam), "decoded_acc": agree}
+            self._diag = {"lambda": lam.float(), "decoded_acc": agree}
         return sigmoid_focal_loss(z, target, valid, cfg.focal_gamma, cfg.focal_alpha)
 
     # ---- paper mode
@@ -316,7 +323,7 @@ class GuidedMixModule(MethodModule):
         if self._cache is not None and self._cache[0]() is out:
             return self._cache[1]
         px, pu = out.part("x"), out.part("u_w")
-        lam = sample_lambda(self.cfg.lambda_max)
+        lam = sample_lambda_tensor(self.cfg.lambda_max)
         l_idx, u_idx = pair_indices(self.pairing, px["c4"], pu["c4"])
         x_mix = lam * out.img_x[l_idx] + (1.0 - lam) * out.img_u_w[u_idx]  # [B_u, 3, H, W]
         grad = self.train_mix and torch.is_grad_enabled()
@@ -348,7 +355,7 @@ class GuidedMixModule(MethodModule):
         keep = valid & (conf >= cfg.pseudo_thresh)
         if cfg.pseudo != "self":
             changed = ((mask != out.mask_u_w[u_idx]) & valid).sum() / valid.sum().clamp(min=1)
-            self._diag = {"lambda": torch.tensor(lam), "pseudo_changed": changed}
+            self._diag = {"lambda": lam.float(), "pseudo_changed": changed}
         ce = F.cross_entropy(out.pred_u_w[u_idx].float(), mask, reduction="none")
         return (ce * keep).sum() / valid.sum().clamp(min=1)
 
@@ -362,8 +369,10 @@ class GuidedMixModule(MethodModule):
         valid = out.ignore_mask_u[u_idx] != ctx.ignore_index
         keep = valid & (out.conf_u_w[u_idx] >= ctx.conf_thresh)
         ce_u = F.cross_entropy(z, out.mask_u_w[u_idx], reduction="none")
-        return (lam * (ce_l * lab).sum() / lab.sum().clamp(min=1)
-                + (1.0 - lam) * (ce_u * keep).sum() / valid.sum().clamp(min=1))
+        # float32 weights (a float64 0-dim lam would promote these 0-dim terms to float64); 1 - lam in float64
+        # first, as the Python float was
+        return (lam.float() * (ce_l * lab).sum() / lab.sum().clamp(min=1)
+                + (1.0 - lam).float() * (ce_u * keep).sum() / valid.sum().clamp(min=1))
 
     # ---- hooks
 

@@ -128,6 +128,11 @@ DENSE_MAX_NODES = 1024  # knn_graph's dense form up to this many nodes per image
 # with ties: at the code's init the second round's features tie within a class, whole-class neighbourhoods, up to
 # N^2 / C edges, 7x the edge list's step cost on the full 32 x 32 map)
 DENSE_BUDGET = 2 ** 24  # and while the batch's dense A_hat, kept for the backward, has at most this many entries
+# The kNN selection on a CPU tensor goes through numpy (``np.partition``, the uint8 transpose-add): 8x and 4x faster
+# than torch there. Those ``.numpy()`` calls are the only host reads left in an MLLC step (3 per graph build), and
+# they are not device synchronisations: a CPU tensor's memory is shared, not copied, and on a GPU the torch path
+# (``topk``, ``torch.mul``) runs instead, reading nothing back. False forces the torch path on CPU as well.
+NUMPY_ON_CPU = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +180,7 @@ def kth_largest(sim: torch.Tensor, k: int) -> torch.Tensor:
     return an element of the row, so ``sim >= kth`` keeps the k largest (and any ties, as the code does).
     """
     m = sim.shape[-1]
-    if sim.device.type == "cpu":
+    if sim.device.type == "cpu" and NUMPY_ON_CPU:
         part = np.partition(sim.numpy(), m - k, axis=-1)[:, m - k: m - k + 1]
         return torch.from_numpy(part)
     return sim.topk(k, dim=-1).values[:, -1:]
@@ -198,7 +203,7 @@ class EdgeGraph(NamedTuple):
 
 def symmetric_knn_(sim: torch.Tensor, kth: torch.Tensor, use_numpy: bool | None = None) -> None:
     """sim [c, N, N] <- A + A^T in place: (A + A^T)_ij = cos_ij (M_ij + M_ji), M = sim >= kth [c, N, 1]."""
-    if sim.device.type == "cpu" if use_numpy is None else use_numpy:  # numpy's uint8 transpose-add and
+    if sim.device.type == "cpu" and NUMPY_ON_CPU if use_numpy is None else use_numpy:  # numpy's uint8 transpose-add and
         # mixed-type multiply are ~4x faster on CPU than torch's
         x = sim.numpy()
         keep = (x >= kth.numpy()).view(np.uint8)
@@ -247,7 +252,10 @@ def knn_graph(f: torch.Tensor, k: int, chunk: int | None = None, dense: bool | N
         x = fn[start:start + step]
         sim = torch.bmm(x, x.transpose(1, 2))  # [c, N, N]
         kth = kth_largest(sim.view(-1, n), kk).clamp_min(tiny)  # [c * N, 1]
-        flat = (sim.view(-1, n) >= kth).view(-1).nonzero().squeeze(1)  # over (image, row, col) of the chunk
+        # over (image, row, col) of the chunk. A host sync on a GPU, and inherent to the edge list: the edge count
+        # depends on the ties at the threshold (a fixed k + 1 per row would drop the code's tied neighbours); the
+        # dense form (<= DENSE_MAX_NODES nodes, the default grids) has none
+        flat = (sim.view(-1, n) >= kth).view(-1).nonzero().squeeze(1)
         node = flat // n  # row node within the chunk
         rows.append(node + start * n)
         cols.append(flat % n + (node // n + start) * n)
@@ -608,7 +616,9 @@ class MLLCModule(MethodModule):
     def _confident(self, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Pixels per class [C] with confidence >= base_tau among ``valid`` ones; logits [B, C, H, W]."""
         conf, cls = torch.softmax(logits.detach().float(), 1).max(1)
-        return torch.bincount(cls[(conf >= self.g.base_tau) & valid], minlength=self.num_classes)
+        hit = ((conf >= self.g.base_tau) & valid).long()  # counted with a scatter: a masked bincount reads a size
+        return torch.zeros(self.num_classes, dtype=torch.long, device=cls.device).scatter_add_(0, cls.flatten(),
+                                                                                                 hit.flatten())
 
     def _update_protos(self, out, t_u_w: dict | None) -> None:
         lv = self.student(out, "x")
@@ -620,12 +630,13 @@ class MLLCModule(MethodModule):
         levels, c, dim = self.protos.shape
         sums = torch.zeros(levels, c, dim, device=self.protos.device)
         counts = torch.zeros(c, device=self.protos.device)
-        for lv, labels in sources:
-            keep = labels != self.ignore_index
-            cls = labels[keep]
-            counts.index_add_(0, cls, torch.ones_like(cls, dtype=counts.dtype))
+        for lv, labels in sources:  # every node, ignored ones adding 0 to class 0 (fixed size: no boolean index)
+            keep = (labels != self.ignore_index).flatten()
+            cls = torch.where(keep, labels.flatten(), torch.zeros_like(labels.flatten()))
+            counts.index_add_(0, cls, keep.to(counts.dtype))
             for level, f in enumerate(lv.feats):
-                sums[level].index_add_(0, cls, f.detach()[keep])
+                f = f.detach().flatten(0, 1)
+                sums[level].index_add_(0, cls, torch.where(keep[:, None], f, torch.zeros_like(f)))
         stats = all_reduce_sum(torch.cat([sums.flatten(), counts]))
         sums, counts = stats[:-c].view(levels, c, dim), stats[-c:]
         seen = counts > 0

@@ -165,6 +165,22 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
+def masked_percentile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+    """``percentile(values[valid], q)`` without the data-dependent boolean index (a host read): the valid values
+    sorted first (the others set to +inf), the interpolation position ``q / 100 (n - 1)`` computed from the valid
+    count n on the device. Any value when nothing is valid (the caller masks with ``valid`` anyway)."""
+    flat = values.flatten()
+    n = valid.flatten().sum()
+    ordered = flat.masked_fill(~valid.flatten(), float("inf")).sort().values
+    pos = (q / 100.0) * (n - 1).clamp(min=0).to(torch.float64)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
+    v_lo, v_hi = ordered.gather(0, lo.reshape(1))[0], ordered.gather(0, hi.reshape(1))[0]  # not ordered[lo]: a 0-dim
+    # index tensor is read back as a Python int
+    frac = (pos - lo).to(flat.dtype)
+    return torch.where(hi == lo, v_lo, v_lo + frac * (v_hi - v_lo))
+
+
 # --------------------------------------------------------------------------------------------------
 # the prototype module
 
@@ -201,6 +217,7 @@ class PCRModule(MethodModule):
         self.warmup_iters = max(warmup, 1) if cfg.init == "kmeans" else warmup
         self.register_buffer("protos", torch.randn(self.num_classes * cfg.num_protos, self.dim))
         self.register_buffer("ready", torch.tensor(int(self.warmup_iters == 0)))
+        self._ready = self.warmup_iters == 0  # the host's copy of ``ready``: the step never reads the buffer
         if cfg.init == "kmeans":
             self.register_buffer("bank", torch.zeros(self.num_classes, cfg.kmeans_pixels, self.dim))
             self.register_buffer("bank_n", torch.zeros(self.num_classes, dtype=torch.long))
@@ -210,7 +227,10 @@ class PCRModule(MethodModule):
 
     @property
     def is_ready(self) -> bool:
-        return bool(self.ready)
+        """Whether the prototypes are initialised: a host-side copy of the ``ready`` buffer (set with it in
+        ``after_step``, read from it only when a checkpoint is loaded), so the terms' warm-up gate costs no
+        device read per step."""
+        return self._ready
 
     def head(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feat [N, D] -> (prototype logits [N, C], matched micro-prototype [N, C])."""
@@ -268,12 +288,14 @@ class PCRModule(MethodModule):
             valid_u = u.target != ign
             self._diag["conf_frac"] = (valid_u & (u.conf >= cfg.confid_thresh)).sum() / valid_u.sum().clamp(min=1)
         if not self.is_ready:
-            if cfg.init == "kmeans":
+            if cfg.init == "kmeans":  # warm-up only: the bank takes a variable number of labeled pixels, gathered
+                # from ranks that hold different counts (all_gather_cat reads the sizes), so these reads are kept
                 self._push_bank(fx[valid_x], x.target[valid_x])
             if out.iteration + 1 >= self.warmup_iters:
                 if cfg.init == "kmeans":
                     self._init_kmeans()
                 self.ready.fill_(1)
+                self._ready = True
             return
         if cfg.momentum >= 1.0:
             return
@@ -284,21 +306,26 @@ class PCRModule(MethodModule):
         self._momentum_update(torch.cat([f for f, _ in chosen]), torch.cat([k for _, k in chosen]))
 
     def _select(self, feat, logits, idx, target, conf) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels that update the prototypes and their (class, micro-prototype) key c * M + m*(c): ([n, D], [n])."""
+        """Every sampled pixel and its (class, micro-prototype) key c * M + m*(c), or the spare key C * M for a
+        pixel that does not update the prototypes: ([N, D], [N]). Fixed-size, so selecting reads nothing back
+        (a boolean-mask index would: its size is data-dependent)."""
         keep = target != self.ignore_index
         if conf is not None:
             keep &= conf >= self.cfg.confid_thresh
         if self.cfg.update_cond == "correct":
             keep &= logits.argmax(1) == target
-        tgt = target[keep]
-        m_star = idx[keep].gather(1, tgt[:, None]).squeeze(1)
-        return feat[keep], tgt * self.cfg.num_protos + m_star
+        tgt = torch.where(keep, target, torch.zeros_like(target))
+        m_star = idx.gather(1, tgt[:, None]).squeeze(1)
+        spare = torch.full_like(tgt, self.protos.shape[0])
+        return feat, torch.where(keep, tgt * self.cfg.num_protos + m_star, spare)
 
     def _momentum_update(self, feat: torch.Tensor, key: torch.Tensor) -> None:
-        """p_k <- m p_k + (1 - m) mean(feat of key k), sums and counts all-reduced over ranks; feat [n, D], key [n]."""
+        """p_k <- m p_k + (1 - m) mean(feat of key k), sums and counts all-reduced over ranks; feat [n, D], key [n]
+        (key C * M: a pixel that updates nothing, summed into a spare row that is dropped)."""
         n_keys = self.protos.shape[0]
-        stats = torch.zeros(n_keys, self.dim + 1, device=feat.device)  # [C*M, D + 1]: feature sums, count
+        stats = torch.zeros(n_keys + 1, self.dim + 1, device=feat.device)  # [C*M + 1, D + 1]: feature sums, count
         stats.index_add_(0, key, torch.cat((feat, torch.ones_like(feat[:, :1])), 1))
+        stats = stats[:n_keys]
         all_reduce_sum(stats)
         count = stats[:, -1:]
         mean = stats[:, :-1] / count.clamp(min=1)
@@ -346,6 +373,7 @@ class PCRModule(MethodModule):
         if key in state_dict and hasattr(self, "bank") and state_dict[key].shape != self.bank.shape:
             self.bank = self.bank.new_zeros(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.ready)  # at load time, not in a step
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         return dict(self._diag)
@@ -404,16 +432,15 @@ def loss_u_drop(out, cfg: EntropyDropConfig, ctx, module: EntropyDropModule) -> 
     target = torch.where(t.ignore == ign, torch.full_like(t.mask, ign), t.mask)  # [B, H, W]
     valid = target != ign
     alpha = module.drop_fraction(out.iteration, cfg.drop_percent)
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        module._diag = {"drop_frac": pred.new_zeros(())}
-        return pred.sum() * 0.0
+    # n_valid stays on the device: no valid pixel gives kept = 0, every CE 0 (ignored) and drop_frac 0, as the
+    # early return of a host-side count did
+    n_valid = valid.sum()
     entropy = -(t.prob * torch.log(t.prob + 1e-10)).sum(1)  # [B, H, W]
     if alpha > 0:
-        drop = (entropy >= percentile(entropy[valid], 100.0 * (1.0 - alpha))) & valid
+        drop = (entropy >= masked_percentile(entropy, valid, 100.0 * (1.0 - alpha))) & valid
         target = torch.where(drop, torch.full_like(target, ign), target)
     kept = (target != ign).sum()
-    module._diag = {"drop_frac": 1.0 - kept / n_valid}
+    module._diag = {"drop_frac": torch.where(n_valid > 0, 1.0 - kept / n_valid.clamp(min=1), 0.0)}
     ce = F.cross_entropy(pred, target, ignore_index=ign, reduction="none")  # [B, H, W], 0 where ignored
     return ce.sum() * target.numel() / kept.clamp(min=1).float() ** 2
 

@@ -25,18 +25,21 @@ def ohem_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, thres
     Among valid pixels keep those whose probability of the true class is <= threshold, where
     threshold = max(thresh, prob of the ``min_kept``-th hardest pixel); with fewer than ``min_kept``
     valid pixels, keep all of them.
+
+    Computed without reading the valid count back: the ``min_kept``-th smallest true-class probability among
+    valid pixels is the ``min_kept``-th smallest of all pixels with the others set to +inf, and whether there
+    are more than ``min_kept`` valid pixels is a device-side condition (with no more pixels than ``min_kept``
+    in the batch it cannot hold, and nothing is mined). With no valid pixel the loss is a graph-connected 0.
     """
     logits = logits.float()
     valid = target != ignore_index
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        return logits.sum() * 0.0
     tgt = torch.where(valid, target, torch.zeros_like(target))
-    prob_true = torch.softmax(logits, 1).gather(1, tgt.unsqueeze(1)).squeeze(1)
     keep = valid
-    if n_valid > min_kept > 0:
-        kth = torch.kthvalue(prob_true[valid], min(min_kept, n_valid)).values
+    if 0 < min_kept < valid.numel():
+        prob_true = torch.softmax(logits, 1).gather(1, tgt.unsqueeze(1)).squeeze(1)
+        kth = torch.kthvalue(prob_true.masked_fill(~valid, float("inf")).flatten(), min_kept).values
         threshold = torch.clamp(kth, min=thresh)
-        keep = valid & (prob_true <= threshold)
+        keep = valid & ((valid.sum() <= min_kept) | (prob_true <= threshold))
     target_kept = torch.where(keep, target, torch.full_like(target, ignore_index))
-    return F.cross_entropy(logits, target_kept, ignore_index=ignore_index)
+    loss = F.cross_entropy(logits, target_kept, ignore_index=ignore_index, reduction="sum")
+    return loss / keep.sum().clamp(min=1)
