@@ -184,6 +184,7 @@ def curves_figure(history: "pd.DataFrame", members: dict[tuple[str, str], list[s
             if v == v and it == it:  # not NaN
                 by_trial[str(tid)][int(it)] = float(v)
     for ax, c in zip(axes, cols):
+        crowd: list[list[tuple[int, float]]] = []  # crowded: one LineCollection, not a thousand Line2D artists
         for r in rows:
             series = [by_trial[t] for t in members.get((r, c), []) if by_trial.get(t)]
             if not series:
@@ -191,19 +192,29 @@ def curves_figure(history: "pd.DataFrame", members: dict[tuple[str, str], list[s
             its = sorted({i for s in series for i in s})
             vals = [[s[i] for s in series if i in s] for i in its]
             means = [statistics.fmean(v) for v in vals]
+            if crowded:
+                crowd.append(list(zip(its, means)))
+                continue
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
             (line,) = ax.plot(its, means, label=display(r, names))
-            if not crowded:
-                ax.fill_between(its, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(its, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        if crowd:
+            import matplotlib
+            from matplotlib.collections import LineCollection
+
+            cycle = [p["color"] for p in matplotlib.rcParams["axes.prop_cycle"]]
+            ax.add_collection(LineCollection(crowd, colors=[cycle[i % len(cycle)] for i in range(len(crowd))],
+                                             linewidths=1.0))
+            ax.autoscale_view()
         ax.set_title(f"{display(col_key, names)} = {c}" if col_key else c, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(_ylabel(metric))
     if any(ax.get_lines() for ax in axes) and not crowded:
         axes[0].legend(title=display(row_key, names) if row_key else None, fontsize=8)
-    fig.suptitle(f"mean over the seeds of {len(rows)} rows (legend and ± std bands above {CURVES_LEGEND_MAX} rows "
-                 "left out)" if crowded else "mean ± std over the seeds that reached each evaluation (band)", fontsize=9)
+    fig.suptitle(f"mean over the seeds of {len(rows)} rows\n(legend and ± std bands left out above "
+                 f"{CURVES_LEGEND_MAX} rows)" if crowded else "mean ± std over the seeds that reached each evaluation (band)", fontsize=9)
     return fig
 
 

@@ -90,6 +90,27 @@ def test_curves_one_panel_per_column(study, results):
     assert list(sup16.get_ydata()) == [16.0, 32.0]  # mean over seeds at each evaluation
 
 
+def test_crowded_curves_are_one_collection_with_the_mean_of_each_row():
+    """Above CURVES_LEGEND_MAX rows: one LineCollection per panel (a thousand Line2D artists made a 10,000-trial
+    ``sslray plot`` slow), each segment the mean over its seeds, no legend, and a title that says so."""
+    from matplotlib.collections import LineCollection
+
+    from sslray.plots import CURVES_LEGEND_MAX
+
+    n = CURVES_LEGEND_MAX + 5
+    rows = [f"r{i}" for i in range(n)]
+    members = {(r, "c"): [f"{r}-s0", f"{r}-s1"] for r in rows}
+    hist = pd.DataFrame([{"trial_id": f"r{i}-s{s}", "iteration": it, "val/miou": float(i + s + it)}
+                         for i in range(n) for s in (0, 1) for it in (10, 20)])
+    fig = curves_figure(hist, members, rows, ["c"], "val/miou", "optim.lr", "")
+    ax = fig.axes[0]
+    (coll,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    segs = coll.get_segments()
+    assert len(segs) == n and not ax.get_lines() and ax.get_legend() is None
+    assert [tuple(p) for p in segs[3]] == [(10.0, 13.5), (20.0, 23.5)]  # mean of seeds 0 and 1
+    assert f"{n} rows" in fig._suptitle.get_text() and "left out" in fig._suptitle.get_text()
+
+
 def test_plot_study_writes_png_and_svg_that_open(study, results, tmp_path):
     df, hist = results
     png = plot_study(study, df, hist, str(tmp_path / "png"))
