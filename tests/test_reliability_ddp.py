@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_reliability_faults import cmdline, descendants
+from test_reliability_faults import cmdline, descendants, kill_tree
 
 from sslray.results import ResultsStore
 
@@ -66,11 +66,7 @@ def test_killed_ddp_worker_restarts_the_group_from_the_checkpoint(tmp_path):
             time.sleep(0.05)
     finally:
         if proc.poll() is None:  # past the deadline: stop what this test started, nothing else
-            for pid in [*descendants(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_tree(proc.pid)
         proc.wait(timeout=60)
     text = out.read_text()
     assert killed is not None, text[-3000:]

@@ -82,6 +82,15 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process below it (what a test started, nothing else)."""
+    for pid in [*descendants(root), root]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -149,11 +158,7 @@ def faulty_run(tmp_path_factory):
             time.sleep(0.05)
     finally:
         if proc.poll() is None:  # past the deadline: stop the CLI and the Ray processes it started, nothing else
-            for pid in [*descendants(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_tree(proc.pid)
         proc.wait(timeout=60)
     written = sorted(p.name for p in d.iterdir())  # the run's working directory: what it wrote outside the storage
     yield SimpleNamespace(path=str(path), storage=storage, returncode=proc.returncode, stdout=out.read_text(),

@@ -6,8 +6,8 @@ import tracemalloc
 import pytest
 
 from sslray import cli
-from sslray.config import ConfigError
 from sslray.study import load_study
+from test_study import error_of, write
 
 HEAD = "name: t\nbase: {model: {width: 8}, train: {iterations: 20, eval_every: 10}}\n"
 PAIRED = HEAD + """grid:
@@ -20,16 +20,6 @@ report: {rows: method.name, cols: data.partition}
 """
 
 
-def write(tmp_path, text: str, name: str = "s.yaml") -> str:
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
-
-
-def error_of(path: str, overrides=()) -> str:
-    with pytest.raises(ConfigError) as e:
-        load_study(path, overrides)
-    return str(e.value)
 
 
 # --------------------------------------------------------------------------------------------------
