@@ -88,18 +88,17 @@ code); ``guidedmix_paper`` = supervised + paper mode (weight 1). ``unimatch+guid
 ``fixmatch+guidedmix``, ``meanteacher+guidedmix`` add the term to those methods unchanged; note that their
 ``global_div`` 2 also halves it (effective weight 5; set ``method.terms.guidedmix.weight: 20`` for 10).
 
-Finding on the embedded synthetic default (issue 11; 32 labels, 1500 iterations, small model, code recipe of
-``studies/methods_synthetic.yaml``): the code-mode method scores well below supervised (29.96 / 29.65 mIoU,
-seeds 0 / 1, against supervised 39.66 / 45.84). One-seed diagnostics of ``studies/ablation_guidedmix.yaml``
-rows (seed 0, ``sslray train`` of its base): ``detach_zl: true`` 36.05, ``decouple: false`` 34.77. So about
-half of the loss comes from the decoupling term's gradient into the labeled prediction z_l (the focal term
-pushes z_l away from its labels, as the review measured at init); the rest is not explained by either
-component alone. The ``weight 1 (code mode)`` row (the code's weight 10 from iteration 0 replaced by 1) gives
-38.01 / 31.10 / 43.82 (seeds 0 / 1 / 2; mean 37.6 +- 6.4) against supervised 39.66 / 45.84 / 43.49 (43.0 +- 3.1):
-the weight explains most of the seed-0 loss (29.96 -> 38.01) but not seed 1's (29.65 -> 31.10), so on this 64-px
-synthetic task the guidance term at any weight tested still costs mIoU on average, and its effect varies widely
-with the seed. The mixed-feature target is the next row to isolate. The full 3-seed ablation study is written
-and not yet run.
+Finding on the embedded synthetic default (issue 11; 32 labels, 1500 iterations, small model, seeds 0-2; the
+code recipe of ``studies/methods_synthetic.yaml``): code mode scores 30.0 +- 0.4 mIoU against supervised 43.0 +-
+3.1. ``studies/ablation_guidedmix.yaml``, run in full (``benchmarks/results/ablation_guidedmix_cpu2.csv``):
+every single change recovers part of the gap and none reaches supervised: weight 1 37.6 +- 6.4, aspp mix head
+36.6 +- 1.6, z_l detached 34.0 +- 7.4, no decoupling 33.8 +- 0.9, kaiming classifier 33.9, MITrans 33.9,
+lambda_max 0.1 / 0.3 30.8 / 33.6; paper mode 36.8 +- 1.0, with random pairs 37.0, without decoupling 39.2 +- 2.2,
+and plain self-training masks 37.9 +- 2.8 (paper mode's guidance adds nothing over self-training here). So no
+single component is responsible: the unlabeled signal itself (the model's own unthresholded argmax on u as
+target, at weight 10 from iteration 0, in code mode; a confidence-filtered self-training target in paper mode)
+costs mIoU on this 64-px task, and the guided mixing does not repair it. Hypothesis, untested: without a strong
+view or threshold the term is confirmation bias; the next row to run is code mode with a confidence threshold.
 """
 from __future__ import annotations
 
