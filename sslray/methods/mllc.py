@@ -100,11 +100,12 @@ over ranks, so every rank holds the same state.
 Result on the embedded synthetic default (issue 11; ``studies/methods_synthetic.yaml``: 32 labels, 1500
 iterations, small model, 256 graph nodes, seeds 0 / 1 / 2). MLLC with the code's recipe (self teacher, plain sum,
 weight decay 5e-4, prototype CE from 1/8, code init): 47.89 / 41.95 / 49.76 mIoU (46.5 +- 4.1) against supervised
-39.66 / 45.84 / 43.49 (43.0 +- 3.1) and FixMatch (its base, at the synthetic default's recipe) 52.12 / 47.79 / 47.57 (49.2 +- 2.6):
-above supervised on average (below it on seed 1), below FixMatch on two seeds of three. Added to UniMatch (``unimatch+mllc``):
-62.80 / 47.29 / 49.73 (53.3 +- 8.3) against UniMatch's 48.6 +- 2.5. ``studies/ablation_mllc.yaml`` has the
-component rows (not yet run after issue 11's fixes). Step cost at these 256 nodes: +30 % over the UniMatch step
-(``benchmarks/results/loss_cost_cpu_small_mllc256.json``, median of three runs).
+39.66 / 45.84 / 43.49 (43.0 +- 3.1) and FixMatch (its base, at the synthetic default's recipe) 52.12 / 47.79 /
+47.57 (49.2 +- 2.6): above supervised on average (below it on seed 1), below FixMatch on two seeds of three.
+Added to UniMatch (``unimatch+mllc``): 62.80 / 47.29 / 49.73 (53.3 +- 8.3) against UniMatch's 48.6 +- 2.5.
+``studies/ablation_mllc.yaml`` has the component rows (not yet run after issue 11's fixes). Step cost at these
+256 nodes: +30 % over the UniMatch step (``benchmarks/results/loss_cost_cpu_small_mllc256.json``, median of three
+runs).
 
     sslray train configs/synthetic_fixmatch.yaml --set method.name=mllc            # FixMatch + MLLC
     sslray train configs/synthetic_fixmatch.yaml --set method.name=unimatch+mllc --set method.terms.mllc_x.rounds=1
