@@ -31,7 +31,7 @@ from typing import Any
 
 from sslray.config import ConfigError, TrialConfig, load_plugins
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -486,9 +486,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_adapter.shutdown()
     print()
     print(_table(study, storage, args.format))
-    print(f"\n{summary.ran} trials run ({summary.ok} ok, {summary.failed} failed), {summary.skipped} already stored; "
-          f"{summary.wall_s:.0f}s; results in {storage}")
-    return EXIT_FAILED if summary.failed else EXIT_OK
+    left = f", {summary.unfinished} not finished" if summary.unfinished else ""
+    print(f"\n{summary.ran} trials run ({summary.ok} ok, {summary.failed} failed){left}, {summary.skipped} already "
+          f"stored; {summary.wall_s:.0f}s; results in {storage}")
+    if summary.unfinished:  # Tune's own advice (Tuner.restore) is not how an sslray study continues
+        print(f"sslray: interrupted: {summary.unfinished} of {summary.planned - summary.skipped} trials not finished; "
+              f"the same 'sslray run' command continues them (results and checkpoints written so far are kept)",
+              file=sys.stderr)
+    return EXIT_FAILED if summary.failed else EXIT_INTERRUPTED if summary.unfinished else EXIT_OK
 
 
 def _load(args: argparse.Namespace):
@@ -696,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("sslray: interrupted; checkpoints and results written so far are kept", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class RunSummary:
     ok: int
     failed: int
     wall_s: float
+    unfinished: int = 0  # planned this run but neither ok nor failed: the run was interrupted (Ctrl-C, SIGUSR1)
 
 
 @dataclass(frozen=True, repr=False)
@@ -725,15 +726,23 @@ def _grid_spec(spec: TrialSpec, p: PlannedTrial) -> TrialSpec:
 
 def _summary(grid, layout: StudyStorage, todo: list[PlannedTrial], skipped: list[PlannedTrial],
              samples: int | None, t0: float) -> RunSummary:
-    """What ran, from the store for a grid (the truth), from Tune's results for a search (``samples`` set)."""
+    """What ran, from the store for a grid (the truth), from Tune's results for a search (``samples`` set).
+
+    ``unfinished`` counts what this run planned and did not end: Tune stops gracefully on SIGINT and returns
+    from ``fit`` as if done, leaving trials pending or running. A grid trial is unfinished when it has no row;
+    a search sample when Tune neither terminated it (finished, or stopped by a scheduler) nor marked it errored.
+    """
     if samples is not None:
         ran = [r for r in grid if r.metrics and r.metrics.get("sslray_trial_id")]
         ok = sum(1 for r in ran if r.metrics.get("sslray_status") == "ok")
-        return RunSummary(samples, 0, len(ran), ok, len(ran) - ok, time.time() - t0)
+        unfinished = max(0, samples - grid.num_terminated - grid.num_errors)
+        return RunSummary(samples, 0, len(ran), ok, len(ran) - ok, time.time() - t0, unfinished)
     store = ResultsStore(layout)
     ids, df = {p.trial_id for p in todo}, store.load()
     ok, failed = len(ids & store.ids("ok", df)), len(ids & store.ids("failed", df))
-    return RunSummary(len(todo) + len(skipped), len(skipped), len(todo), ok, failed, time.time() - t0)
+    unfinished = len(ids - store.ids(None, df))
+    return RunSummary(len(todo) + len(skipped), len(skipped), len(todo) - unfinished, ok, failed,
+                      time.time() - t0, unfinished)
 
 
 _METRIC_PREFIXES = ("train/", "val/", "val_ema/", "best/", "time/", "mem/")

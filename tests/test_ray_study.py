@@ -150,6 +150,43 @@ def test_killed_driver_then_resume_runs_only_what_is_missing(tmp_path, capsys):
     assert not hist.duplicated(["trial_id", "iteration"]).any()
 
 
+@pytest.mark.reliability
+def test_ctrl_c_says_what_is_unfinished_exits_130_and_the_same_command_continues(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it): Tune stops gracefully and returns
+    from fit as if done, so the run must say itself that trials are unfinished, exit 130, keep every stored row,
+    and the same command must run only what is missing (not Tune's ``Tuner.restore`` advice)."""
+    study = {"name": "ctrlc", "base": {**TINY_BASE, "train": {"iterations": 60, "eval_every": 5}},
+             "grid": {"optim.lr": [0.01, 0.02, 0.03]}, "report": {"rows": "optim.lr"}, "seeds": [0],
+             "storage": str(tmp_path / "store")}
+    path = write_study(tmp_path, study)
+    storage = tmp_path / "store"
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sslray", "run", path, "--num-cpus", "1"], cwd=ROOT, env=ENV,
+                                stdout=out, stderr=err, start_new_session=True)
+    deadline, done = time.time() + 600, []
+    try:
+        while time.time() < deadline and not done and proc.poll() is None:  # interrupt with one trial stored
+            done = [p.stem for p in storage.glob("results/*.parquet") if not p.name.startswith(".")]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_session(proc.pid)  # Ray's processes of this session, whatever the driver left
+    stdout, stderr = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert done, stdout[-3000:] + stderr[-3000:]
+    stored = ResultsStore(str(storage)).ids("ok")
+    assert rc == 130, (rc, stdout[-3000:], stderr[-3000:])
+    unfinished = 3 - len(stored)
+    assert unfinished >= 1 and set(done) <= stored
+    assert f"{len(stored)} trials run ({len(stored)} ok, 0 failed), {unfinished} not finished" in stdout, stdout
+    assert f"sslray: interrupted: {unfinished} of 3 trials not finished; the same 'sslray run' command" in stderr
+    again = sslray("run", path, "--num-cpus", "1").stdout
+    assert f"{unfinished} trials ({len(stored)} already stored)" in again, again
+    assert "not finished" not in again
+    df = ResultsStore(str(storage)).load()
+    assert len(df) == 3 and df["trial_id"].is_unique and set(df["status"]) == {"ok"}
+
+
 def test_optuna_search_samples_the_declared_space(tmp_path):
     study = {"name": "search", "base": {**TINY_BASE, "method": {"name": "fixmatch"}},
              "search": {"sampler": "random", "num_samples": 3, "metric": "val/miou", "mode": "max", "seed": 1,
