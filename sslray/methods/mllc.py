@@ -103,7 +103,10 @@ weight decay 5e-4, prototype CE from 1/8, code init): 47.89 / 41.95 / 49.76 mIoU
 39.66 / 45.84 / 43.49 (43.0 +- 3.1) and FixMatch (its base, at the synthetic default's recipe) 52.12 / 47.79 /
 47.57 (49.2 +- 2.6): above supervised on average (below it on seed 1), below FixMatch on two seeds of three.
 Added to UniMatch (``unimatch+mllc``): 62.80 / 47.29 / 49.73 (53.3 +- 8.3) against UniMatch's 48.6 +- 2.5.
-``studies/ablation_mllc.yaml`` has the component rows (not yet run after issue 11's fixes). Step cost at these
+``studies/ablation_mllc.yaml``, seed 0 only so far (``benchmarks/results/ablation_mllc_cpu2_seed0.csv``): full
+47.9; K = 1 41.2, K = 0 (no graph, no proto) 46.6, -class_graph 48.3, -dynamic_thresh 45.9, -proto 47.3, +pair
+39.2, pseudo-labels from the plain logits 46.3, identity init 44.7, FixMatch's "/ 2" 42.5. One seed cannot
+separate rows within about 4 mIoU (MLLC's 3-seed std); +pair and one round instead of two cost 6-9. Step cost at these
 256 nodes: +30 % over the UniMatch step (``benchmarks/results/loss_cost_cpu_small_mllc256.json``, median of three
 runs).
 
