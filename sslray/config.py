@@ -606,6 +606,7 @@ def _build_method_uncached(d: Mapping, path: str, source: str | None) -> MethodC
         if base is not None and i == 0:
             merged = deep_merge(merged, METHOD_PRESETS[base])
         merged = deep_merge(merged, preset)
+    _check_added_terms(merged.get("terms") or {}, d.get("terms"), name, p, source)
     merged = deep_merge(merged, {k: v for k, v in d.items() if k != "name"})
     terms_raw = merged.pop("terms", {}) or {}
     if not isinstance(terms_raw, Mapping):
@@ -628,6 +629,27 @@ def _build_method_uncached(d: Mapping, path: str, source: str | None) -> MethodC
     _check(obj, path, source)
     _check_families(obj, p, source)
     return obj
+
+
+def _check_added_terms(preset_terms: Mapping, written: Any, name: str, p: str, source: str | None) -> None:
+    """A term the method's preset lacks is added only with its weight written out.
+
+    Settings alone (``method.terms.pcr_x.warmup_frac``) on a method without that term would add it at the default
+    weight 1.0 (an unknown name is left to the check that lists the terms). In a study that writes term settings under ``base.method`` and has a variant or axis that switches
+    ``method.name``, that silently turns the other method into this one (issue 11: the PCR ablation's ``pcr_base``
+    row trained PCR, bit for bit). Writing the weight (0 leaves it out) says which was meant.
+    """
+    from sslray.methods import TERMS
+
+    if not isinstance(written, Mapping):
+        return  # the generic check below names the wrong type
+    for tname, tval in written.items():
+        if tname not in TERMS or tname in preset_terms or (isinstance(tval, Mapping) and "weight" in tval):
+            continue
+        raise ConfigError(source, f"{p}terms.{tname}",
+                          f"is not a term of method {name!r} (its terms: {', '.join(preset_terms) or 'none'}); "
+                          f"its settings alone would add it at weight 1.0: write {p}terms.{tname}.weight "
+                          "(0 to leave it out)")
 
 
 def _build_term(cls: type, d: Any, path: str, source: str | None) -> Any:

@@ -99,6 +99,36 @@ def test_ablation_expands_baseline_and_variants(tmp_path):
     assert study.report.rows == "variant" and study.report.baseline == "full"  # the ablation defaults
 
 
+def test_base_term_settings_cannot_silently_add_a_term_to_a_variants_method(tmp_path):
+    """Issue 11's PCR ablation trap: base.method.terms.pcr_x/pcr_u settings (no weight) re-added both prototype
+    terms at weight 1 to the pcr_base variant, whose row then trained PCR bit for bit. Refused, naming the variant
+    and the term; writing the weight (0 here) says what is meant and leaves the terms out."""
+    text = ("name: t\nbase:\n  method:\n    name: pcr\n    terms: {pcr_x: {warmup_frac: 0.2}, pcr_u: {warmup_frac: 0.2}}\n"
+            "ablation:\n  variants:\n    pcr_base: {method.name: pcr_base%s}\n")
+    msg = error_of(write(tmp_path, text % ""))
+    assert msg.startswith(f"{tmp_path / 's.yaml'}: ablation.variants.pcr_base.method.name: ")
+    assert "method.terms.pcr_x: is not a term of method 'pcr_base'" in msg
+    assert "write method.terms.pcr_x.weight (0 to leave it out)" in msg
+    fixed = text % ", method.terms.pcr_x.weight: 0, method.terms.pcr_u.weight: 0"
+    trials = load_study(write(tmp_path, fixed, "fixed.yaml")).trials()
+    base_cfg = trials[1].config.method
+    assert trials[1].variant == "pcr_base" and base_cfg.name == "pcr_base"
+    assert base_cfg.terms["pcr_x"].weight == 0 and base_cfg.terms["pcr_u"].weight == 0
+    plain = TrialConfig.from_dict({"method": {"name": "pcr_base"}}).method
+    assert {n for n, t in base_cfg.terms.items() if t.weight > 0} == {n for n, t in plain.terms.items() if t.weight > 0}
+
+
+def test_a_term_the_preset_lacks_is_added_only_with_its_weight():
+    with pytest.raises(ConfigError, match=r"^method\.terms\.u_fp: is not a term of method 'fixmatch' \(its terms: "):
+        TrialConfig.from_dict({"method": {"name": "fixmatch", "terms": {"u_fp": {}}}})
+    added = TrialConfig.from_dict({"method": {"name": "fixmatch", "terms": {"u_fp": {"weight": 0.5}}}}).method
+    assert added.terms["u_fp"].weight == 0.5
+    # a term the preset has takes settings alone; an unknown name keeps the error that lists every term
+    assert TrialConfig.from_dict({"method": {"name": "unimatch", "terms": {"u_fp": {}}}}).method.terms["u_fp"].weight
+    with pytest.raises(ConfigError, match=r"^method\.terms\.u_fpp: unknown loss term"):
+        TrialConfig.from_dict({"method": {"name": "fixmatch", "terms": {"u_fpp": {"conf": 1}}}})
+
+
 def test_three_varied_axes_load_and_tables_refuse_mixed_cells(tmp_path):
     from sslray.report import comparison_table
 
