@@ -27,8 +27,10 @@ import functools
 import importlib.metadata
 import json
 import os
+import platform
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -92,6 +94,7 @@ UNITS: dict[str, tuple[str, str]] = {
     "val/per_image": ("pixels", "intersection and union per validation image and class, [N][K] each"),
     "split_sha256": ("", "sha256 of each split file the trial read"),
     "versions": ("", "installed package versions"),
+    "platform": ("", "what sets the floating-point kernels: torch build, CPU kernel level and model, threads, GPU"),
 }
 
 # Columns whose Arrow type does not follow from the value (it may be None in one file and set in another).
@@ -101,7 +104,7 @@ FIXED_TYPES: dict[str, pa.DataType] = {
     "resumed_from": pa.int64(),
     "best/iteration": pa.int64(), "wall_s": pa.float64(), "device": pa.string(), "gpu_hours": pa.float64(),
     "cpu_hours": pa.float64(), "git_sha": pa.string(), "git_dirty": pa.bool_(), "rerun": pa.string(),
-    "created_at": TIMESTAMP, "started_at": TIMESTAMP, **NESTED_TYPES,
+    "platform": pa.string(), "created_at": TIMESTAMP, "started_at": TIMESTAMP, **NESTED_TYPES,
 }
 EXTRA_KEYS = ("gpus", "cpus", "split_sha256", "rerun")
 
@@ -144,6 +147,7 @@ def make_row(study: str, planned_cell: Mapping[str, Any], config: TrialConfig, s
         "git_sha": git_sha, "git_dirty": git_dirty,
         "split_sha256": _nested("split_sha256", extra.get("split_sha256")),
         "versions": package_versions(),
+        "platform": numerics_platform(),
         "created_at": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
         "started_at": _timestamp(extra.pop("started_at", None)),  # in every row: a plain read keeps the column
         "rerun": extra.get("rerun"),
@@ -251,6 +255,39 @@ def git_state() -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return sha or None, bool(porcelain.strip())
+
+
+def numerics_platform() -> str | None:
+    """What decides the trial's floating-point arithmetic beside the config: the torch build, the CPU kernel level
+    torch dispatched to and the CPU model, torch's thread count and the GPU, e.g. ``torch 2.14.1+cu130; cpu AVX512
+    (Intel(R) Xeon(R) Processor); threads 1``. The same trial id on two platforms is not bit-identical (issue 11: the
+    PCR ablation's seed 0 moved by up to 8 mIoU between two sessions' machines), so tables say when they mix them.
+    None where torch was never imported (the row of a process that trained nothing): importing it here would
+    cost the light commands seconds."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    parts = [f"torch {torch.__version__}"]
+    try:
+        parts.append(f"cpu {torch.backends.cpu.get_cpu_capability()} ({_cpu_model()})")
+    except (AttributeError, RuntimeError):
+        parts.append(f"cpu ({_cpu_model()})")
+    parts.append(f"threads {torch.get_num_threads()}")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        parts.append(f"gpu {torch.cuda.get_device_name()}")
+    return "; ".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 @functools.lru_cache(maxsize=1)

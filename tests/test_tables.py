@@ -334,6 +334,31 @@ def test_manifest_lists_what_reproduces_each_trial(planned, tmp_path):
     assert {r[3] for r in listing.rows} == {"ok", "missing"}
 
 
+def test_rows_say_their_platform_and_a_table_mixing_platforms_says_so(planned):
+    """Issue 11: the PCR ablation's seed 0 moved by up to 8 mIoU between two sessions' machines (same trial ids,
+    same code): a row records what sets its arithmetic, and a table built from two platforms says it is."""
+    import torch  # noqa: F401 - a trial's process has it; the row reads it from sys.modules
+
+    row = make_row("t", planned[0].point, planned[0].config, "ok", {"val/miou": 40.0}, None, 60.0, "cpu")
+    assert re.fullmatch(r"torch 2\.\S+; cpu \S* ?\(.+\); threads \d+(; gpu .+)?", row["platform"]), row["platform"]
+    df = results(planned)
+    one = comparison_table(df.assign(platform=row["platform"]), planned, "method.name", "data.partition")
+    assert one.notes == [] and "platforms" not in render(one, "markdown")
+    assert manifest(df.assign(platform=row["platform"]), planned, "method.name", "data.partition").notes[-1] == \
+        f"platform (every trial): {row['platform']}"
+    df["platform"] = ["torch 2.15.0+cu132; cpu AVX2 (x); threads 1"] * 3 + [row["platform"]] * (len(df) - 3)
+    df.loc[df.index[-1], "platform"] = None  # a row stored before the column existed
+    mixed = comparison_table(df, planned, "method.name", "data.partition")
+    assert mixed.notes == [
+        f"Trials from 3 platforms ({len(df) - 4} on {row['platform']!r}, 3 on 'torch 2.15.0+cu132; cpu AVX2 (x); "
+        "threads 1', 1 on 'unknown (stored without a platform)'): one config and seed gives different numbers on "
+        "each; sslray table --manifest lists which trial ran where."]
+    assert mixed.notes[0] in render(mixed, "markdown")
+    listing = manifest(df, planned, "method.name", "data.partition")
+    assert listing.header[-1] == "platform" and not any(n.startswith("platform") for n in listing.notes)
+    assert {r[-1] for r in listing.rows} >= {row["platform"], "unknown"}
+
+
 def test_search_best_configs_importances_and_history(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\nbase: {method: {name: fixmatch}}\n"

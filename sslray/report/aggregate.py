@@ -20,7 +20,7 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from sslray import stats
 from sslray.study import VARIANT, PlannedTrial, cell_label, row_label
@@ -142,13 +142,30 @@ def comparison_table(df: "pd.DataFrame", planned: list[PlannedTrial] | None, row
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     column = metric if agg == "last" else f"best/{metric}"
-    records = records_by_id(df, column, ("status", "reason", "seed", column))
+    records = records_by_id(df, column, ("status", "reason", "seed", column, "platform"))
     row_order, col_order, members = cell_members(df, planned, rows, cols)
     if baseline is not None and baseline not in row_order:
         raise ValueError(f"baseline {baseline!r} is not a row (rows: {', '.join(row_order)})")
     cells = {key: aggregate(ids, records, lambda rec: rec.get(column), f"no {column} reported")
              for key, ids in members.items()}
-    return Table(row_order, col_order, cells, metric, baseline, rows, cols, agg, mode)
+    notes = platform_notes(records, {tid for ids in members.values() for tid in ids})
+    return Table(row_order, col_order, cells, metric, baseline, rows, cols, agg, mode, notes=notes)
+
+
+def platform_notes(records: Mapping[str, Mapping[str, Any]], ids: Iterable[str]) -> list[str]:
+    """One line when the table's stored trials ran on more than one numerics platform (``platform`` column: torch
+    build, CPU kernels, threads, GPU): the same config and seed is not bit-identical across them, so a row-to-row
+    gap may be partly the machine's (issue 11 measured up to 8 mIoU at one seed on the synthetic default)."""
+    counts: dict[str, int] = defaultdict(int)
+    for tid in ids:
+        rec = records.get(tid)
+        if rec is not None:
+            counts[text_of(rec.get("platform")) or "unknown (stored without a platform)"] += 1
+    if len(counts) < 2:
+        return []
+    parts = ", ".join(f"{n} on {p!r}" for p, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return [f"Trials from {len(counts)} platforms ({parts}): one config and seed gives different numbers on "
+            "each; sslray table --manifest lists which trial ran where."]
 
 
 def cell_members(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: str,

@@ -178,13 +178,14 @@ def _h(v: float | None) -> str:
 
 def manifest(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: str, cols: str) -> Listing:
     """What reproduces each trial of each cell: trial id, git sha and dirty flag, split sha256, the exact rerun
-    command; package versions as a note when every trial has the same ones, else as a column."""
+    command; package versions and the numerics platform (torch build, CPU kernels, threads, GPU) as a note when
+    every trial has the same ones, else as a column."""
     row_order, col_order, members = cell_members(df, planned, rows, cols)
     records = records_by_id(df, None)
-    versions = {_versions(rec.get("versions")) for rec in records.values()}
-    same_versions = len(versions) <= 1
-    header = [rows, cols, "seed", "status", "trial id", "git sha", "split sha256", "rerun"]
-    header += [] if same_versions else ["versions"]
+    shared = {"versions": {_versions(rec.get("versions")) for rec in records.values()},
+              "platform": {text_of(rec.get("platform")) for rec in records.values()}}
+    varying = [k for k, values in shared.items() if len(values) > 1]
+    header = [rows, cols, "seed", "status", "trial id", "git sha", "split sha256", "rerun"] + varying
     body = []
     seeds = {t.trial_id: t.seed for t in planned or []}
     for r in row_order:
@@ -192,16 +193,17 @@ def manifest(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: str, 
             for tid in members.get((r, c), []):
                 rec = records.get(tid)
                 if rec is None:
-                    body.append([r, c, str(seeds.get(tid, "")), "missing", tid, "", "", ""] +
-                                ([] if same_versions else [""]))
+                    body.append([r, c, str(seeds.get(tid, "")), "missing", tid, "", "", ""] + [""] * len(varying))
                     continue
                 sha = text_of(rec.get("git_sha"))
                 dirty = rec.get("git_dirty")
                 git = f"{sha}{' (dirty)' if dirty is True else ''}" if sha else "unknown (not a git checkout)"
                 line = [r, c, text_of(rec.get("seed")), text_of(rec.get("status")), tid, git,
                         _splits(rec.get("split_sha256")), text_of(rec.get("rerun"))]
-                body.append(line + ([] if same_versions else [_versions(rec.get("versions"))]))
-    notes = [f"package versions (every trial): {versions.pop()}"] if same_versions and versions else []
+                per = {"versions": _versions(rec.get("versions")), "platform": text_of(rec.get("platform")) or "unknown"}
+                body.append(line + [per[k] for k in varying])
+    notes = [f"{'package versions' if k == 'versions' else 'platform'} (every trial): {values.pop()}"
+             for k, values in shared.items() if k not in varying and values and next(iter(values))]
     return Listing(header, body, "Reproducibility manifest", notes)
 
 
