@@ -91,7 +91,21 @@ UniMatch's recipe and the default warm-up): 69.79 / 75.74 / 50.81 (65.4 +- 13.0)
 a large spread: on seeds 0 and 1 still rising at iteration 1500 (61.7 -> 69.8, 70.1 -> 75.7), on seed 2 level
 with UniMatch (50.8 against 46.7). So on this task the prototype head helps most on top of UniMatch's strong
 views and feature perturbation, much less on its own U2PL base; which part is responsible is what
-``studies/ablation_pcr.yaml`` measures (not yet run after issue 11's fixes).
+``studies/ablation_pcr.yaml`` measures.
+
+Ablation (issue 11, ``benchmarks/results/ablation_pcr_cpu2_subset.csv``; 14 rows at seed 0, five of them at seeds 1
+and 2 too; measured on another machine than ``methods_synthetic``, whose arithmetic differs: PCR's seed 0 is 36.84
+there against 44.74, so compare within the file). Full PCR 36.84 / 48.18 / 45.50 (43.5 +- 5.9). Without the
+prototype terms (``pcr_base``: the EMA teacher and entropy-drop CE alone) 37.71 / 43.79 / 42.64 (41.4 +- 3.2): the
+prototypes add +2.1 on average (-0.9 / +4.4 / +2.9), within the noise. What moves more is the U2PL base around
+them: UniMatch's strong view (colour, grayscale, blur and a 2-40 % CutMix box from a second batch) instead of
+U2PL's CutMix-only view gives 50.3 +- 1.6, above PCR on every seed (+11.7 / +3.6 / +5.0), which agrees with
+``unimatch+pcr`` being the best row of ``methods_synthetic``; dropping the supervised-only epoch of ``u_drop``
+(its loss from iteration 0) gives 49.1 +- 4.4 (+9.9 / -1.9 / +8.6). FixMatch's confident CE in place of the
+entropy drop gives 46.2 +- 3.8 (+12.2 / -0.5 / -3.6): not a finding. At seed 0 alone no other row is more than a
+seed's noise from the baseline (random prototypes 40.3, M = 1 40.2, plain CE 44.1, the rest 36-40). Nothing here
+was tuned: the defaults stay PCR's, and a user who wants the best number on this task composes the prototype
+terms onto UniMatch.
 """
 from __future__ import annotations
 
