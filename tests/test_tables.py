@@ -346,13 +346,18 @@ def test_rows_say_their_platform_and_a_table_mixing_platforms_says_so(planned):
     assert one.notes == [] and "platforms" not in render(one, "markdown")
     assert manifest(df.assign(platform=row["platform"]), planned, "method.name", "data.partition").notes[-1] == \
         f"platform (every trial): {row['platform']}"
-    df["platform"] = ["torch 2.15.0+cu132; cpu AVX2 (x); threads 1"] * 3 + [row["platform"]] * (len(df) - 3)
+    df["platform"] = row["platform"]
     df.loc[df.index[-1], "platform"] = None  # a row stored before the column existed
+    assert comparison_table(df, planned, "method.name", "data.partition").notes == [
+        f"1 trial(s) stored without a platform (before sslray recorded it) beside {len(df) - 1} on "
+        f"{row['platform']!r}: if they ran elsewhere, one config and seed gives different numbers there; sslray "
+        "table --manifest lists which trial ran where."]
+    df.loc[df.index[:3], "platform"] = "torch 2.15.0+cu132; cpu AVX2 (x); threads 1"
     mixed = comparison_table(df, planned, "method.name", "data.partition")
     assert mixed.notes == [
-        f"Trials from 3 platforms ({len(df) - 4} on {row['platform']!r}, 3 on 'torch 2.15.0+cu132; cpu AVX2 (x); "
-        "threads 1', 1 on 'unknown (stored without a platform)'): one config and seed gives different numbers on "
-        "each; sslray table --manifest lists which trial ran where."]
+        f"Trials from 2 platforms ({len(df) - 4} on {row['platform']!r}, 3 on 'torch 2.15.0+cu132; cpu AVX2 (x); "
+        "threads 1', and 1 stored without a platform): one config and seed gives different numbers on each; "
+        "sslray table --manifest lists which trial ran where."]
     assert mixed.notes[0] in render(mixed, "markdown")
     listing = manifest(df, planned, "method.name", "data.partition")
     assert listing.header[-1] == "platform" and not any(n.startswith("platform") for n in listing.notes)

@@ -157,15 +157,24 @@ def platform_notes(records: Mapping[str, Mapping[str, Any]], ids: Iterable[str])
     build, CPU kernels, threads, GPU): the same config and seed is not bit-identical across them, so a row-to-row
     gap may be partly the machine's (issue 11 measured up to 8 mIoU at one seed on the synthetic default)."""
     counts: dict[str, int] = defaultdict(int)
+    unknown = 0
     for tid in ids:
         rec = records.get(tid)
         if rec is not None:
-            counts[text_of(rec.get("platform")) or "unknown (stored without a platform)"] += 1
-    if len(counts) < 2:
-        return []
+            p = text_of(rec.get("platform"))
+            counts[p] += bool(p)
+            unknown += not p
+    counts.pop("", None)
     parts = ", ".join(f"{n} on {p!r}" for p, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return [f"Trials from {len(counts)} platforms ({parts}): one config and seed gives different numbers on "
-            "each; sslray table --manifest lists which trial ran where."]
+    where = "sslray table --manifest lists which trial ran where."
+    if len(counts) > 1:
+        more = f", and {unknown} stored without a platform" if unknown else ""
+        return [f"Trials from {len(counts)} platforms ({parts}{more}): one config and seed gives different numbers "
+                f"on each; {where}"]
+    if counts and unknown:
+        return [f"{unknown} trial(s) stored without a platform (before sslray recorded it) beside {parts}: if they "
+                f"ran elsewhere, one config and seed gives different numbers there; {where}"]
+    return []
 
 
 def cell_members(df: "pd.DataFrame", planned: list[PlannedTrial] | None, rows: str,
